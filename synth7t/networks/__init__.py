@@ -1,0 +1,7 @@
+"""Networks of the synthesis bundles."""
+
+from synth7t.networks.basic_cnn import BasicCNN
+from synth7t.networks.haar import HaarDWT2d
+from synth7t.networks.watnet import DistillationBlock, WaveletAffineTransform, WATNet
+
+__all__ = ["BasicCNN", "DistillationBlock", "HaarDWT2d", "WaveletAffineTransform", "WATNet"]
