@@ -1,0 +1,103 @@
+"""Whole-volume inference with a 2-D network trained on 2.5-D slabs.
+
+The seed-001 report infers on whole slices "instead of small patches" (spec watnet.md §5); the original WATNet
+test script runs every 3-slice stack with stride 1 in z and averages the overlapping predictions (§11.1 "Test"),
+and the thesis U-Net predicts the middle slice of each stack (spec ganunet.md §1.8, A20). MONAI's
+``SliceInferer`` runs a 2-D network on single slices only, so this inferer is ours.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from monai.inferers import Inferer
+from monai.utils import convert_to_dst_type, convert_to_tensor
+
+__all__ = ["SlabInferer"]
+
+
+class SlabInferer(Inferer):
+    """Run a 2-D network over every axial slab of ``slab_size`` slices of a volume, stride 1, in batches.
+
+    The input ``(B, C, X, Y, Z)`` is padded by ``slab_size // 2`` slices at both ends of the slice axis
+    (``padding_mode``, default replicating the edge slice), so that every slice is the centre of one slab. Each
+    slab reaches the network as ``(N, C * slab_size, X, Y)`` in the layout of
+    :func:`synth7t.transforms.slab_to_channels` (channel ``c * slab_size + k`` is slice ``k`` of channel ``c``).
+
+    Args:
+        slab_size: odd number of neighbouring slices per network input (3 for WATNet).
+        output: ``"slab"`` when the network predicts every slice of its input slab (WATNet: output
+            ``(N, C_out * slab_size, X, Y)``); each slice then receives ``slab_size`` predictions, from the slabs
+            that contain it, and gets their mean (predictions of padded slices are dropped). ``"center"`` when it
+            predicts the middle slice only (output ``(N, C_out, X, Y)``).
+        batch_size: slabs per forward pass.
+        padding_mode: ``torch.nn.functional.pad`` mode for the slice axis ("replicate", "reflect", "constant").
+
+    Returns ``(B, C_out, X, Y, Z)`` on the input's device, float32; a ``MetaTensor`` carrying the input's metadata
+    (affine, applied transforms) when the input is one, so ``Invertd`` can undo the preprocessing on it, as with
+    MONAI's own inferers.
+    """
+
+    def __init__(
+        self, slab_size: int = 3, output: str = "slab", batch_size: int = 16, padding_mode: str = "replicate"
+    ) -> None:
+        super().__init__()
+        if slab_size < 1 or slab_size % 2 == 0:
+            raise ValueError(f"slab_size must be a positive odd number, got {slab_size}.")
+        if output not in ("slab", "center"):
+            raise ValueError(f"output must be 'slab' or 'center', got {output!r}.")
+        self.slab_size = slab_size
+        self.output = output
+        self.batch_size = batch_size
+        self.padding_mode = padding_mode
+
+    def __call__(
+        self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        if inputs.ndim != 5:
+            raise ValueError(f"SlabInferer expects (B, C, X, Y, Z) volumes, got shape {tuple(inputs.shape)}.")
+        volumes = convert_to_tensor(inputs, track_meta=False)
+        k, half = self.slab_size, self.slab_size // 2
+        padded = F.pad(volumes, (half, half, 0, 0, 0, 0), mode=self.padding_mode) if half else volumes
+        # (B, C, X, Y, Z, k): slab z covers padded slices z .. z + k - 1, i.e. input slices z - half .. z + half.
+        slabs = padded.unfold(-1, k, 1)
+        outputs = torch.stack([self._infer_volume(volume_slabs, network, *args, **kwargs) for volume_slabs in slabs])
+        return convert_to_dst_type(outputs, dst=inputs)[0]
+
+    def _infer_volume(self, slabs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any):
+        channels, height, width, depth, k = slabs.shape
+        total: torch.Tensor | None = None
+        for start in range(0, depth, self.batch_size):
+            stop = min(start + self.batch_size, depth)
+            batch = slabs[:, :, :, start:stop].permute(3, 0, 4, 1, 2).reshape(stop - start, channels * k, height, width)
+            prediction = network(batch, *args, **kwargs).float()
+            if total is None:
+                out_channels = prediction.shape[1] // (k if self.output == "slab" else 1)
+                total = prediction.new_zeros(out_channels, height, width, depth)
+            if self.output == "center":
+                total[..., start:stop] = prediction.permute(1, 2, 3, 0)
+            else:
+                total = self._accumulate_slab(total, prediction, start, stop)
+        assert total is not None
+        if self.output == "slab":
+            total = total / self._coverage(depth, total.device)
+        return total
+
+    def _accumulate_slab(self, total: torch.Tensor, prediction: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Add slice ``j`` of the slab centred on ``z`` to output slice ``z - half + j`` when that slice exists."""
+        k, half, depth = self.slab_size, self.slab_size // 2, total.shape[-1]
+        prediction = prediction.reshape(stop - start, total.shape[0], k, *prediction.shape[-2:])
+        centres = torch.arange(start, stop, device=total.device)
+        for j in range(k):
+            target = centres - half + j
+            valid = (target >= 0) & (target < depth)
+            total.index_add_(-1, target[valid], prediction[valid, :, j].permute(1, 2, 3, 0))
+        return total
+
+    def _coverage(self, depth: int, device: torch.device) -> torch.Tensor:
+        """How many slabs predict each slice: ``slab_size`` inside, fewer within ``slab_size // 2`` of an edge."""
+        half = self.slab_size // 2
+        z = torch.arange(depth, device=device)
+        return (torch.clamp(z + half, max=depth - 1) - torch.clamp(z - half, min=0) + 1).float()
