@@ -87,9 +87,10 @@ def _check_same_grid(reference: tuple[Path, nib.spatialimages.SpatialImage], oth
             f"{path}: shape {tuple(image.shape[:3])} differs from {ref_path.name}'s {tuple(ref.shape[:3])} ({where})."
         )
     if not np.allclose(image.affine, ref.affine, atol=1e-3):
+        difference = float(np.abs(image.affine - ref.affine).max())
         raise InputError(
-            f"{path}: affine differs from {ref_path.name}'s; the images must share one voxel grid ({where}).\n"
-            f"{image.affine}\nvs\n{ref.affine}"
+            f"{path}: affine differs from {ref_path.name}'s by up to {difference:.4g} (voxel-to-world matrix); "
+            f"the images of an item must share one voxel grid ({where})."
         )
 
 
