@@ -1,0 +1,96 @@
+"""Shared fixtures: a tiny synthetic 3T/7T dataset and a runner for `python -m monai.bundle`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from synth7t.transforms import SimulateRealistic3T
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+LPS_LIKE = np.array([[-1.0, 0, 0, 20], [0, -1.0, 0, 18], [0, 0, 1.0, -6], [0, 0, 0, 1]])  # the TELL axes
+PERMUTED = np.array([[0, 0, 1.0, -6], [-1.0, 0, 0, 20], [0, -1.0, 0, 18], [0, 0, 0, 1]])  # slices on array axis 0
+
+
+def brain_phantom(shape: tuple[int, int, int], seed: int) -> np.ndarray:
+    """A 7T-like uint8 volume: an ellipsoid "brain" with smooth texture and darker "ventricles", background 0."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    radius = np.sqrt(((grid / np.array([0.85, 0.8, 0.9])[:, None, None, None]) ** 2).sum(0))
+    brain = radius < 1
+    texture = sum(np.sin(f * grid[a] + rng.uniform(0, 6)) for a, f in enumerate(rng.uniform(3, 9, size=3)))
+    volume = 150 + 40 * texture / 3 - 80 * (radius < 0.3)
+    return np.where(brain, np.clip(volume, 1, 255), 0).astype(np.uint8)
+
+
+def write_pair(directory: Path, subject: str, shape: tuple[int, int, int], affine: np.ndarray, seed: int) -> dict:
+    """Write <subject>_7T/_3T/_mask NIfTI files (float32 in [0, 1]) and return their datalist item."""
+    target = torch.as_tensor(brain_phantom(shape, seed), dtype=torch.float32)[None] / 255
+    simulator = SimulateRealistic3T(target_voxel_size_mm=1.6, snr=25.0)
+    simulator.set_random_state(seed)
+    image = simulator(target, target > 0)
+    arrays = {"image": image[0].numpy(), "label": target[0].numpy(), "mask": (target[0] > 0).numpy().astype(np.uint8)}
+    names = {"image": f"{subject}_3T.nii.gz", "label": f"{subject}_7T.nii.gz", "mask": f"{subject}_mask.nii.gz"}
+    for key, name in names.items():
+        nib.save(nib.Nifti1Image(arrays[key], affine), directory / name)
+    return names
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two training, one validation and two test subjects, 40x36x12 voxels (in-plane not a multiple of 8); the
+    second test subject is stored with permuted axes, so the slice axis is array axis 0."""
+    directory = tmp_path_factory.mktemp("tiny_dataset")
+    datalist = {
+        "training": [write_pair(directory, f"sub-{i}", (40, 36, 12), LPS_LIKE, i) for i in (1, 2)],
+        "validation": [write_pair(directory, "sub-3", (40, 36, 12), LPS_LIKE, 3)],
+        "test": [
+            write_pair(directory, "sub-4", (40, 36, 12), LPS_LIKE, 4),
+            write_pair(directory, "sub-5", (12, 40, 36), PERMUTED, 5),
+        ],
+    }
+    (directory / "datalist.json").write_text(json.dumps(datalist, indent=2))
+    return directory
+
+
+# Overrides that make WATNet training run in seconds on the tiny dataset.
+TINY_TRAINING = {
+    "max_epochs": 1,
+    "patches_per_volume": 4,
+    "batch_size": 4,
+    "val_interval": 1,
+    "num_workers": 0,
+    "patch_size": [16, 16],
+}
+
+
+def bundle_command(bundle: str, run_id: str, configs: list[str], **overrides) -> list[str]:
+    """`python -m monai.bundle run <run_id>` with the bundle's configs (merged in order) and overrides."""
+    config_dir = REPOSITORY / "bundles" / bundle / "configs"
+    files = [str(config_dir / name) for name in configs]
+    command = [sys.executable, "-m", "monai.bundle", "run", run_id]
+    command += ["--config_file", files[0] if len(files) == 1 else json.dumps(files)]
+    for key, value in overrides.items():
+        command += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+    return command
+
+
+def run_bundle(bundle: str, run_id: str, configs: list[str], cwd: Path | None = None, **overrides) -> subprocess.CompletedProcess:
+    """Run a bundle workflow as a user would, from ``cwd`` (default: a directory outside the repository)."""
+    environment = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        bundle_command(bundle, run_id, configs, **overrides),
+        cwd=cwd or Path("/"),
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )

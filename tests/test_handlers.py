@@ -1,0 +1,61 @@
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from monai.data import MetaTensor
+
+from synth7t.handlers import LossProgressBar, VolumeMetricsWriter, write_atomically
+from synth7t.metrics import volume_metrics
+
+
+def test_write_atomically_replaces_the_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "sub" / "metrics.csv"
+    write_atomically(target, "a\n")
+    write_atomically(target, "b\n")
+    assert target.read_text() == "b\n"
+    assert [p.name for p in target.parent.iterdir()] == ["metrics.csv"]
+
+
+def _item(seed: int, affine: np.ndarray) -> tuple[dict, dict]:
+    rng = np.random.default_rng(seed)
+    label = np.zeros((1, 24, 22, 14), np.float32)
+    label[:, 3:21, 3:19, 2:12] = rng.random((1, 18, 16, 10))
+    meta = {"affine": torch.as_tensor(affine), "filename_or_obj": f"/data/sub-{seed}_3T.nii.gz"}
+    as_meta = lambda array: MetaTensor(torch.as_tensor(array), meta=dict(meta))  # noqa: E731
+    batch = {"mask": as_meta((label > 0).astype(np.float32))}
+    output = {"pred": as_meta(label * 0.95), "image": as_meta(label * 0.8), "label": as_meta(label)}
+    return batch, output
+
+
+def test_volume_metrics_writer_rows_baseline_and_summary(tmp_path):
+    flipped = np.diag([-1.0, -1.0, 1.0, 1.0])
+    items = [_item(1, np.eye(4)), _item(2, flipped)]
+    engine = Engine(lambda engine, batch: None)
+    writer = VolumeMetricsWriter(tmp_path)
+    writer.attach(engine)
+    assert engine.has_event_handler(writer.record, Events.ITERATION_COMPLETED)
+    assert engine.has_event_handler(writer.write, Events.COMPLETED)
+    engine.state.batch, engine.state.output = [items[0][0], items[1][0]], [items[0][1], items[1][1]]
+    writer.reset()
+    writer.record(engine)
+    writer.write()
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("subject,psnr,ssim,ssim3d,mse,mae,psnr_brain")
+    assert [row.split(",")[0] for row in rows[1:]] == ["sub-1_3T", "sub-2_3T"]
+    expected = volume_metrics(items[0][1]["image"][0], items[0][1]["label"][0], items[0][0]["mask"][0])
+    header = rows[0].split(",")
+    first = dict(zip(header, rows[1].split(",")))
+    assert float(first["identity_psnr"]) == pytest.approx(expected["psnr"], rel=1e-5)
+    summary = json.loads((tmp_path / "metrics_summary.json").read_text())
+    assert summary["psnr"]["n"] == 2 and "subject" not in summary
+
+
+def test_loss_progress_bar_shows_the_loss(capsys):
+    # MONAI trainers decollate their output into a list of per-sample dicts
+    engine = Engine(lambda engine, batch: [{"loss": torch.tensor(0.25)}, {"loss": torch.tensor(0.25)}])
+    LossProgressBar().attach(engine)
+    engine.run(range(3), max_epochs=1)
+    assert "loss=0.25" in capsys.readouterr().err
