@@ -1,0 +1,346 @@
+"""The watnet bundle as a user runs it: `python -m monai.bundle run` training, resume, evaluation, inference,
+the overlays, torchrun, the bundle contract's properties, outputs and bad-input behaviour (BUNDLES.md)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle import run as run_in_process
+
+from synth7t.metrics import METRIC_NAMES, volume_metrics
+from synth7t.networks import BasicCNN, WATNet
+from synth7t.transforms import PercentileScaleIntensity
+
+from conftest import PERMUTED, REPOSITORY, TINY_TRAINING, bundle_command, run_bundle, write_pair
+
+BUNDLE = REPOSITORY / "bundles" / "watnet"
+CONFIGS = BUNDLE / "configs"
+
+
+def _checked(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"{' '.join(result.args)}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One epoch of the default recipe on the tiny dataset, run from outside the repository."""
+    output = tmp_path_factory.mktemp("train")
+    _checked(run_bundle("watnet", "training", ["train.yaml"], dataset_dir=str(tiny_dataset), output_dir=str(output), **TINY_TRAINING))
+    return output
+
+
+@pytest.mark.parametrize(
+    "configs, workflow_type",
+    [
+        (["train.yaml"], "train"),
+        (["train.yaml", "seed.yaml"], "train"),
+        (["train.yaml", "basic_cnn.yaml"], "train"),
+        (["train.yaml", "seed.yaml", "basic_cnn.yaml"], "train"),
+        (["evaluate.yaml"], "infer"),
+        (["inference.yaml"], "infer"),
+    ],
+)
+def test_check_properties(configs, workflow_type, tiny_dataset, tmp_path):
+    workflow = ConfigWorkflow(
+        config_file=[str(CONFIGS / name) for name in configs],
+        workflow_type=workflow_type,
+        dataset_dir=str(tiny_dataset),
+        output_dir=str(tmp_path),
+        num_workers=0,
+    )
+    workflow.initialize()
+    assert workflow.check_properties() == []
+
+
+def test_bundle_root_is_the_bundle_folder_from_any_directory(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIGS / "inference.yaml"), workflow_type="infer", dataset_dir=str(tiny_dataset)
+    )
+    workflow.initialize()
+    assert Path(workflow.bundle_root) == BUNDLE
+    assert Path(workflow.parser.get_parsed_content("ckpt_path")) == BUNDLE / "models" / "model.pt"
+
+
+def test_bundle_root_from_the_command_line_of_other_bundle_commands(monkeypatch, tmp_path):
+    from synth7t.bundle import bundle_root
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["monai.bundle", "ckpt_export", "--config_file", str(CONFIGS / "inference.yaml")])
+    assert Path(bundle_root()) == BUNDLE
+    listed = str([str(CONFIGS / "train.yaml"), str(CONFIGS / "seed.yaml")])
+    monkeypatch.setattr(sys, "argv", ["monai.bundle", "ckpt_export", f"--config_file={listed}"])
+    assert Path(bundle_root()) == BUNDLE
+    monkeypatch.setattr(sys, "argv", ["pytest"])
+    assert Path(bundle_root()) == tmp_path.resolve()
+
+
+def test_training_writes_loadable_checkpoints_and_logs(trained):
+    assert {"model.pt", "checkpoint_final.pt"} <= {p.name for p in trained.iterdir()}
+    assert list(trained.glob("events.out.tfevents.*")), "no TensorBoard log"
+    network = WATNet()
+    network.load_state_dict(torch.load(trained / "model.pt", map_location="cpu", weights_only=True))
+    final = torch.load(trained / "checkpoint_final.pt", map_location="cpu", weights_only=False)
+    assert set(final) == {"model", "optimizer", "lr_scheduler", "trainer"}
+    assert final["trainer"]["iteration"] == final["trainer"]["epoch_length"] == 2  # 2 volumes x 4 patches / batch 4
+    assert len(final["optimizer"]["param_groups"]) == 2  # original solver: biases and output conv at lr_mult 0.1
+    lrs = sorted(group["lr"] for group in final["optimizer"]["param_groups"])
+    assert lrs == pytest.approx([2.5e-5, 2.5e-4])
+
+
+def test_training_resumes_from_a_checkpoint(trained, tiny_dataset, tmp_path):
+    result = _checked(
+        run_bundle(
+            "watnet", "training", ["train.yaml"], dataset_dir=str(tiny_dataset), output_dir=str(tmp_path),
+            resume_from=str(trained / "checkpoint_final.pt"), **{**TINY_TRAINING, "max_epochs": 2},
+        )
+    )
+    log = result.stdout + result.stderr
+    assert f"Restored all variables from {trained / 'checkpoint_final.pt'}" in log
+    assert "SupervisedTrainer - INFO - Epoch[1] Complete" not in log  # the first epoch is not trained again
+    assert "SupervisedTrainer - INFO - Epoch[2] Complete" in log
+    resumed = torch.load(tmp_path / "checkpoint_final.pt", map_location="cpu", weights_only=False)
+    assert resumed["trainer"]["iteration"] == 4  # two epochs of two iterations
+
+
+def _normalised_ras(path: Path, mask: np.ndarray) -> np.ndarray:
+    volume = nib.as_closest_canonical(nib.load(path)).get_fdata().astype(np.float32)
+    return np.asarray(PercentileScaleIntensity(0.0, 99.0)(volume[None], mask[None])[0])
+
+
+def test_evaluation_writes_per_subject_metrics_with_identity_baseline(trained, tiny_dataset, tmp_path):
+    _checked(
+        run_bundle(
+            "watnet", "evaluating", ["evaluate.yaml"], dataset_dir=str(tiny_dataset), output_dir=str(tmp_path),
+            ckpt_path=str(trained / "model.pt"), num_workers=0,
+        )
+    )
+    with open(tmp_path / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["subject"] for row in rows] == ["sub-4_3T", "sub-5_3T"]
+    expected_columns = [f"{p}{m}{s}" for p in ("", "identity_") for m in METRIC_NAMES for s in ("", "_brain")]
+    assert set(expected_columns) <= set(rows[0])
+    # The identity baseline is the normalised 3T against the normalised 7T, on axial slices: recompute it, also
+    # for sub-5 whose file stores the axial axis first.
+    for row, subject in zip(rows, ("sub-4", "sub-5")):
+        mask = nib.as_closest_canonical(nib.load(tiny_dataset / f"{subject}_mask.nii.gz")).get_fdata() > 0
+        image = _normalised_ras(tiny_dataset / f"{subject}_3T.nii.gz", mask)
+        label = _normalised_ras(tiny_dataset / f"{subject}_7T.nii.gz", mask)
+        expected = volume_metrics(image, label, mask)
+        for name in ("psnr", "ssim", "mae", "psnr_brain", "ssim_brain"):
+            assert float(row[f"identity_{name}"]) == pytest.approx(expected[name], rel=1e-4), name
+    summary = json.loads((tmp_path / "metrics_summary.json").read_text())
+    psnrs = [float(row["psnr"]) for row in rows]
+    assert summary["psnr"]["mean"] == pytest.approx(np.mean(psnrs), rel=1e-5)
+    assert summary["psnr"]["std"] == pytest.approx(np.std(psnrs), rel=1e-4, abs=1e-6)
+    assert summary["identity_ssim_brain"]["n"] == 2
+
+
+def test_inference_writes_one_volume_per_input_on_its_grid(trained, tiny_dataset, tmp_path):
+    # sub-5 again, stored with its axial axis last: the prediction must be the same volume.
+    reordered = tmp_path / "data"
+    reordered.mkdir()
+    for suffix in ("3T", "mask"):
+        image = nib.load(tiny_dataset / f"sub-5_{suffix}.nii.gz")
+        nib.save(nib.as_closest_canonical(image), reordered / f"sub-5-ras_{suffix}.nii.gz")
+    datalist = tmp_path / "datalist.json"
+    items = [{"image": str(tiny_dataset / f"sub-{i}_3T.nii.gz"), "mask": str(tiny_dataset / f"sub-{i}_mask.nii.gz")} for i in (4, 5)]
+    items.append({"image": "sub-5-ras_3T.nii.gz", "mask": "sub-5-ras_mask.nii.gz"})
+    datalist.write_text(json.dumps({"test": items}))
+    output = tmp_path / "out"
+    _checked(
+        run_bundle(
+            "watnet", "inferring", ["inference.yaml"], dataset_dir=str(reordered), datalist=str(datalist),
+            output_dir=str(output), ckpt_path=str(trained / "model.pt"), num_workers=0,
+        )
+    )
+    assert sorted(p.name for p in output.iterdir()) == ["sub-4_3T_7t.nii.gz", "sub-5-ras_3T_7t.nii.gz", "sub-5_3T_7t.nii.gz"]
+    for name, source_dir in (("sub-4", tiny_dataset), ("sub-5", tiny_dataset), ("sub-5-ras", reordered)):
+        source = nib.load(source_dir / f"{name}_3T.nii.gz")
+        prediction = nib.load(output / f"{name}_3T_7t.nii.gz")
+        assert prediction.shape == source.shape
+        np.testing.assert_allclose(prediction.affine, source.affine, atol=1e-5)
+        values = prediction.get_fdata()
+        mask = nib.load(source_dir / f"{name}_mask.nii.gz").get_fdata() > 0
+        assert values.min() >= 0.0 and values.max() <= 1.0
+        assert np.all(values[~mask] == 0) and values[mask].std() > 0
+    permuted = nib.as_closest_canonical(nib.load(output / "sub-5_3T_7t.nii.gz")).get_fdata()
+    canonical = nib.load(output / "sub-5-ras_3T_7t.nii.gz").get_fdata()
+    np.testing.assert_allclose(permuted, canonical, atol=1e-5)
+
+
+def test_inference_with_the_shipped_weights_from_another_directory(tiny_dataset, tmp_path):
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"test": [{"image": "sub-4_3T.nii.gz"}]}))
+    result = run_bundle(
+        "watnet", "run", ["inference.yaml"], cwd=tmp_path, dataset_dir=str(tiny_dataset),
+        datalist=str(datalist), output_dir="predictions", num_workers=0,
+    )
+    _checked(result)
+    assert (tmp_path / "predictions" / "sub-4_3T_7t.nii.gz").is_file()
+
+
+def test_shipped_model_is_the_default_network():
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.yaml"))
+    network = parser.get_parsed_content("network_def")
+    state = torch.load(BUNDLE / "models" / "model.pt", map_location="cpu", weights_only=True)
+    network.load_state_dict(state)  # strict: every key and shape matches
+    assert isinstance(network, WATNet) and network.variant == "original"
+    assert sum(p.numel() for p in network.parameters()) == 1_467_971
+
+
+def test_metadata_has_the_bundle_spec_keys():
+    metadata = json.loads((CONFIGS / "metadata.json").read_text())
+    for key in ("version", "changelog", "monai_version", "pytorch_version", "numpy_version", "network_data_format",
+                "eval_metrics", "intended_use", "data_source", "references"):
+        assert metadata.get(key), key
+    assert metadata["version"] in metadata["changelog"]
+    assert metadata["eval_metrics"], "eval_metrics must hold the measured validation figures"
+    for files in ("LICENSE", "docs/README.md", "models/model.pt", "configs/logging.conf", "configs/multi_gpu_train.yaml"):
+        assert (BUNDLE / files).is_file(), files
+
+
+def test_seed_protocol_and_basic_cnn_train(tiny_dataset, tmp_path):
+    # The seed keeps axial slices 30-151 of the 182-slice volumes; the tiny volumes have 12, so keep 2-9 instead.
+    slices = {"patch_transforms#0#roi_start": [0, 0, 2], "patch_transforms#0#roi_end": [100000, 100000, 10]}
+    for overlays, network_class in ((["seed.yaml"], WATNet), (["seed.yaml", "basic_cnn.yaml"], BasicCNN)):
+        output = tmp_path / "_".join(name.removesuffix(".yaml") for name in overlays)
+        _checked(
+            run_bundle(
+                "watnet", "training", ["train.yaml", *overlays], dataset_dir=str(tiny_dataset), output_dir=str(output),
+                **TINY_TRAINING, **slices,
+            )
+        )
+        checkpoint = torch.load(output / "checkpoint_final.pt", map_location="cpu", weights_only=False)
+        network = network_class() if network_class is BasicCNN else WATNet(variant="seed")
+        network.load_state_dict(checkpoint["model"])
+        assert len(checkpoint["optimizer"]["param_groups"]) == 1
+        assert checkpoint["optimizer"]["param_groups"][0]["eps"] == 1e-7
+
+
+def test_torchrun_overlay_trains_on_two_cpu_processes(tiny_dataset, tmp_path):
+    command = bundle_command(
+        "watnet", "training", ["train.yaml", "multi_gpu_train.yaml"], dataset_dir=str(tiny_dataset),
+        output_dir=str(tmp_path), **TINY_TRAINING,
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *command[1:]]
+    result = subprocess.run(command, cwd="/", capture_output=True, text=True, timeout=900)
+    _checked(result)
+    assert (tmp_path / "checkpoint_final.pt").is_file() and (tmp_path / "model.pt").is_file()
+
+
+# --- bad input: one clear message naming the file, before any compute, nothing written -------------------------
+
+
+def _write(path: Path, array: np.ndarray, affine: np.ndarray) -> str:
+    nib.save(nib.Nifti1Image(array, affine), path)
+    return str(path)
+
+
+def _bad_items(directory: Path, good: dict) -> dict[str, tuple[dict, str, str]]:
+    """Test items with one problem each: (item, a word the message must contain, the file it must name)."""
+    reference = nib.load(good["image"])
+    affine = reference.affine
+    ones = np.ones(reference.shape, np.float32)
+    nan, inf = ones.copy(), ones.copy()
+    nan[1, 1, 1] = np.nan
+    inf[2, 2, 2] = np.inf
+    shifted = affine.copy()
+    shifted[0, 3] += 5.0
+    garbage = directory / "garbage.nii.gz"
+    garbage.write_bytes(b"not an image at all")
+    mgh = directory / "volume.mgz"
+    nib.save(nib.MGHImage(ones, affine), mgh)
+    files = {
+        "missing file": str(directory / "absent.nii.gz"),
+        "unreadable": str(garbage),
+        "not NIfTI": str(mgh),
+        "shape": _write(directory / "small.nii.gz", ones[:-2], affine),
+        "affine": _write(directory / "shifted.nii.gz", ones, shifted),
+        "channels": _write(directory / "two.nii.gz", np.stack([ones, ones], -1), affine),
+        "NaN": _write(directory / "nan.nii.gz", nan, affine),
+        "inf": _write(directory / "inf.nii.gz", inf, affine),
+    }
+    problems = {
+        "missing file": "not found", "unreadable": "not a readable NIfTI", "not NIfTI": "not a NIfTI",
+        "shape": "shape", "affine": "affine", "channels": "single channel", "NaN": "NaN", "inf": "infinite",
+    }
+    on_mask = ("shape", "affine")  # grid problems are between two images of an item: put the bad one as its mask
+    return {
+        case: ({**good, "mask": path} if case in on_mask else {"image": path}, problems[case], path)
+        for case, path in files.items()
+    }
+
+
+@pytest.mark.parametrize("case", ["missing file", "unreadable", "not NIfTI", "shape", "affine", "channels", "NaN", "inf", "empty"])
+def test_bad_input_stops_inference_before_any_compute(case, tiny_dataset, tmp_path):
+    good = {"image": str(tiny_dataset / "sub-4_3T.nii.gz"), "mask": str(tiny_dataset / "sub-4_mask.nii.gz")}
+    datalist = tmp_path / "datalist.json"
+    cases = _bad_items(tmp_path, good) | {"empty": ({}, "no items", str(datalist))}
+    item, problem, named = cases[case]
+    datalist.write_text(json.dumps({"test": [good, item] if item else []}))
+    output = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        run_in_process(
+            "inferring", config_file=str(CONFIGS / "inference.yaml"), dataset_dir=str(tmp_path),
+            datalist=str(datalist), output_dir=str(output),
+        )
+    message = str(stop.value)
+    assert message.startswith("error: ") and problem in message and named in message, message
+    assert stop.value.code == message  # Python prints it alone and exits with status 1
+    assert not output.exists(), "nothing may be written on bad input"
+
+
+def test_bad_training_pair_is_reported_from_the_command_line_without_a_traceback(tiny_dataset, tmp_path):
+    datalist = json.loads((tiny_dataset / "datalist.json").read_text())
+    for split in datalist.values():
+        for item in split:
+            item.update({key: str(tiny_dataset / name) for key, name in item.items()})
+    source = nib.load(datalist["training"][1]["label"])
+    shifted = source.affine.copy()
+    shifted[0, 3] += 2.0
+    label = tmp_path / "sub-2_7T_shifted.nii.gz"
+    datalist["training"][1]["label"] = _write(label, source.get_fdata().astype(np.float32), shifted)
+    (tmp_path / "datalist.json").write_text(json.dumps(datalist))
+    output = tmp_path / "train"
+    result = run_bundle("watnet", "training", ["train.yaml"], dataset_dir=str(tmp_path), output_dir=str(output), **TINY_TRAINING)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and str(label) in last and "affine" in last and "'training'[1]" in last
+    assert not output.exists()
+
+
+def test_missing_checkpoint_is_reported_before_loading_data(tiny_dataset, tmp_path):
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"test": [{"image": str(tiny_dataset / "sub-4_3T.nii.gz")}]}))
+    with pytest.raises(SystemExit, match="checkpoint not found"):
+        run_in_process(
+            "inferring", config_file=str(CONFIGS / "inference.yaml"), datalist=str(datalist),
+            ckpt_path=str(tmp_path / "absent.pt"), output_dir=str(tmp_path / "out"),
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_new_subject_with_another_grid_is_inferred(trained, tmp_path):
+    item = write_pair(tmp_path, "odd", (13, 45, 37), PERMUTED, 11)
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"test": [{"image": item["image"]}]}))
+    _checked(
+        run_bundle(
+            "watnet", "inferring", ["inference.yaml"], dataset_dir=str(tmp_path), datalist=str(datalist),
+            output_dir=str(tmp_path / "out"), ckpt_path=str(trained / "model.pt"), num_workers=0,
+        )
+    )
+    assert nib.load(tmp_path / "out" / "odd_3T_7t.nii.gz").shape == (13, 45, 37)
