@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from monai.bundle import ConfigWorkflow
 
 from synth7t import data
 
-__all__ = ["BadInput", "bundle_root", "load_datalist", "require_file"]
+__all__ = ["BadInput", "bundle_root", "load_datalist", "require_file", "stop_on_bad_input"]
+
+T = TypeVar("T")
 
 
 class BadInput(SystemExit):
@@ -70,20 +74,20 @@ def _command_line_config_files() -> list[str]:
     return []
 
 
-def load_datalist(
-    datalist: str | os.PathLike,
-    split: str | Sequence[str],
-    dataset_dir: str | os.PathLike,
-    image_keys: Sequence[str] = ("image",),
-    target_keys: Sequence[str] = (),
-    optional_keys: Sequence[str] = ("mask",),
-    alternatives: Mapping[str, Sequence[str]] | None = None,
-) -> list[dict]:
-    """:func:`synth7t.data.load_datalist` for configs: bad input stops the workflow with :class:`BadInput`."""
-    try:
-        return data.load_datalist(datalist, split, dataset_dir, image_keys, target_keys, optional_keys, alternatives)
-    except data.InputError as error:
-        raise BadInput(error) from None
+def stop_on_bad_input(function: Callable[..., T]) -> Callable[..., T]:
+    """``function`` for configs: its :class:`synth7t.data.InputError` stops the workflow as :class:`BadInput`."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return function(*args, **kwargs)
+        except data.InputError as error:
+            raise BadInput(error) from None
+
+    return wrapper
+
+
+load_datalist = stop_on_bad_input(data.load_datalist)
 
 
 def require_file(path: str | os.PathLike, what: str) -> str:
