@@ -1,7 +1,17 @@
 """Networks of the synthesis bundles."""
 
+from synth7t.networks.adadm_unet import AdaDM, AdaDMResBlock, AttentionResUNet
 from synth7t.networks.basic_cnn import BasicCNN
 from synth7t.networks.haar import HaarDWT2d
 from synth7t.networks.watnet import DistillationBlock, WaveletAffineTransform, WATNet
 
-__all__ = ["BasicCNN", "DistillationBlock", "HaarDWT2d", "WaveletAffineTransform", "WATNet"]
+__all__ = [
+    "AdaDM",
+    "AdaDMResBlock",
+    "AttentionResUNet",
+    "BasicCNN",
+    "DistillationBlock",
+    "HaarDWT2d",
+    "WaveletAffineTransform",
+    "WATNet",
+]
