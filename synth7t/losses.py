@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import nn
 
-__all__ = ["PerSampleSumL1Loss"]
+__all__ = [
+    "GradientDifferenceLoss",
+    "PerSampleSumL1Loss",
+    "WassersteinAdversarialLoss",
+    "critic_scores",
+    "gradient_penalty",
+]
 
 
 class PerSampleSumL1Loss(nn.Module):
@@ -19,3 +27,83 @@ class PerSampleSumL1Loss(nn.Module):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return (input - target).abs().flatten(1).sum(dim=1).mean()
+
+
+def critic_scores(critic: Callable[[torch.Tensor], torch.Tensor | Sequence[torch.Tensor]], x: torch.Tensor) -> torch.Tensor:
+    """The critic's patch map for ``x``: the last element when the critic returns its intermediate features, as
+    MONAI's ``PatchDiscriminator`` does."""
+    out = critic(x)
+    return out[-1] if isinstance(out, (list, tuple)) else out
+
+
+def gradient_penalty(
+    critic: Callable[[torch.Tensor], torch.Tensor | Sequence[torch.Tensor]],
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    epsilon: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """WGAN-GP gradient penalty (Gulrajani et al.; spec ganunet.md §5): ``mean_i (||grad D(x_i)||_2 - 1)^2``.
+
+    ``x_i = eps_i * real_i + (1 - eps_i) * fake_i`` with ``eps_i ~ U(0, 1)`` per sample (or the given ``epsilon``,
+    shape (B,)), and ``D(x_i)`` the critic's patch map averaged per sample. The graph is kept so the penalty
+    trains the critic. Not in MONAI or PyTorch.
+    """
+    if epsilon is None:
+        epsilon = torch.rand(real.shape[0], device=real.device, dtype=real.dtype)
+    epsilon = epsilon.view(-1, *([1] * (real.ndim - 1)))
+    mixed = (epsilon * real.detach() + (1 - epsilon) * fake.detach()).requires_grad_(True)
+    scores = critic_scores(critic, mixed).flatten(1).mean(dim=1)
+    (gradient,) = torch.autograd.grad(scores.sum(), mixed, create_graph=True)
+    return (gradient.flatten(1).norm(dim=1) - 1).square().mean()
+
+
+class WassersteinAdversarialLoss(nn.Module):
+    """The Wasserstein critic and generator terms, called like MONAI's ``PatchAdversarialLoss``.
+
+    Critic: ``mean D(fake) - mean D(real)``, i.e. ``+mean`` of the fake patch map and ``-mean`` of the real one;
+    generator: ``-mean D(fake)`` (spec ganunet.md §5). The gradient penalty is added by :func:`gradient_penalty`.
+    MONAI's adversarial loss offers BCE, hinge and least squares, not this one.
+    """
+
+    def forward(self, input: torch.Tensor, target_is_real: bool, for_discriminator: bool) -> torch.Tensor:
+        if not for_discriminator:
+            return -input.mean()
+        return -input.mean() if target_is_real else input.mean()
+
+
+class GradientDifferenceLoss(nn.Module):
+    """Gradient difference loss (Nie et al.; seed 003 §3.4, spec 9t4-and-abstract.md §3.4).
+
+    Compares the magnitudes of the horizontal and vertical finite differences of the last two dimensions:
+    ``(sum |(|dx y| - |dx p|)|^p + sum |(|dy y| - |dy p|)|^p) / numel(y)``, with the kernels ``[-1, 1]`` and
+    ``[1, -1]^T``. ``padding="zero"`` is the reference implementation (``gdl_loss`` in medSynthesisV1): the
+    convolutions pad one zero on each side, so the maps are H x (W + 1) and (H + 1) x W and their outermost
+    values are the border pixels themselves. ``padding="valid"`` keeps the interior differences only. Both are
+    divided by the element count of the input, as the reference does. Not in MONAI or PyTorch.
+
+    Args:
+        padding: ``"zero"`` (Nie et al.) or ``"valid"``.
+        exponent: ``p``; 2 in the reference.
+    """
+
+    def __init__(self, padding: str = "zero", exponent: float = 2.0) -> None:
+        super().__init__()
+        if padding not in ("zero", "valid"):
+            raise ValueError(f"padding must be 'zero' or 'valid', got {padding!r}.")
+        self.padding = padding
+        self.exponent = exponent
+
+    def _gradients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.padding == "zero":
+            x_cols = nn.functional.pad(x, (1, 1, 0, 0))
+            x_rows = nn.functional.pad(x, (0, 0, 1, 1))
+        else:
+            x_cols = x_rows = x
+        dx = x_cols[..., :, 1:] - x_cols[..., :, :-1]
+        dy = x_rows[..., :-1, :] - x_rows[..., 1:, :]
+        return dx.abs(), dy.abs()
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        (pred_dx, pred_dy), (true_dx, true_dy) = self._gradients(input), self._gradients(target)
+        total = (true_dx - pred_dx).abs().pow(self.exponent).sum() + (true_dy - pred_dy).abs().pow(self.exponent).sum()
+        return total / target.numel()

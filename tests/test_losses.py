@@ -1,12 +1,20 @@
-"""Tests of synth7t.losses.PerSampleSumL1Loss, Caffe's ``L1Loss`` of the released WATNet solver
-(spec watnet.md §11.1 "Loss": sum |pred - 7T| / batch size)."""
+"""Tests of synth7t.losses: Caffe's ``L1Loss`` of the released WATNet solver (spec watnet.md §11.1 "Loss": sum
+|pred - 7T| / batch size), and the GAN losses of the thesis and the 9.4T study."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from monai.networks.nets import PatchDiscriminator
+from torch import nn
 
-from synth7t.losses import PerSampleSumL1Loss
+from synth7t.losses import (
+    GradientDifferenceLoss,
+    PerSampleSumL1Loss,
+    WassersteinAdversarialLoss,
+    critic_scores,
+    gradient_penalty,
+)
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 8, 8), (4, 3, 16, 12), (5, 2, 3, 4, 6), (3, 7)])
@@ -39,3 +47,93 @@ def test_per_sample_sum_l1_zero_and_scale():
     # 64 x 64 x 3 patches: the sum is 12,288 times the per-voxel mean (the weight-decay balance of §11.1)
     a, b = torch.zeros(8, 3, 64, 64), torch.full((8, 3, 64, 64), 0.5)
     assert PerSampleSumL1Loss()(a, b).item() == pytest.approx(0.5 * 12_288)
+
+
+# --- GAN losses (spec ganunet.md §5, 9t4-and-abstract.md §3.4) ---------------------------------------------------
+
+
+class _SquareCritic(nn.Module):
+    """D(x) = x ** 2 per pixel: the per-sample mean has gradient 2 x / n."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.square()
+
+
+def test_gradient_penalty_of_a_linear_critic_by_hand():
+    critic = nn.Conv2d(1, 1, kernel_size=1)
+    with torch.no_grad():
+        critic.weight.fill_(3.0)
+        critic.bias.fill_(-2.0)
+    real, fake = torch.rand(2, 1, 2, 2), torch.rand(2, 1, 2, 2)
+    # mean D = 3 mean(x) - 2: gradient 3/4 at each of 4 pixels, norm 1.5, penalty (1.5 - 1)^2 for any mix
+    assert gradient_penalty(critic, real, fake).item() == pytest.approx(0.25)
+
+
+def test_gradient_penalty_of_a_quadratic_critic_by_hand():
+    real = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]], [[[1.0, 0.0], [0.0, 0.0]]]])
+    fake = torch.zeros_like(real)
+    # mixes 0.5 and 1.0 at one pixel: gradients 2 * 0.5 / 4 = 0.25 and 2 * 1 / 4 = 0.5
+    penalty = gradient_penalty(_SquareCritic(), real, fake, epsilon=torch.tensor([0.5, 1.0]))
+    assert penalty.item() == pytest.approx(((0.25 - 1) ** 2 + (0.5 - 1) ** 2) / 2)
+
+
+def test_gradient_penalty_trains_the_critic_and_not_the_generator():
+    critic = PatchDiscriminator(
+        spatial_dims=2, channels=4, in_channels=1, num_layers_d=2, norm=("GROUP", {"num_groups": 1})
+    )
+    real = torch.rand(2, 1, 16, 16)
+    fake = torch.rand(2, 1, 16, 16, requires_grad=True)
+    penalty = gradient_penalty(critic, real, fake)
+    assert critic_scores(critic, real).shape == critic(real)[-1].shape == (2, 1, 2, 2)
+    penalty.backward()
+    assert penalty.item() > 0
+    # every parameter but the output bias, which shifts the scores without changing their input gradient
+    untouched = [name for name, p in critic.named_parameters() if p.grad is None]
+    assert untouched == ["final_conv.conv.bias"]
+    assert fake.grad is None
+
+
+def test_wasserstein_terms():
+    loss = WassersteinAdversarialLoss()
+    scores = torch.tensor([[[[1.0, 3.0]]], [[[-2.0, 0.0]]]])  # mean 0.5
+    assert loss(scores, target_is_real=True, for_discriminator=True).item() == pytest.approx(-0.5)
+    assert loss(scores, target_is_real=False, for_discriminator=True).item() == pytest.approx(0.5)
+    assert loss(scores, target_is_real=True, for_discriminator=False).item() == pytest.approx(-0.5)
+
+
+def test_gradient_difference_loss_by_hand():
+    pred = torch.tensor([[[[1.0, 2.0], [3.0, 5.0]]]])
+    target = torch.zeros_like(pred)
+    # zero padding: |dx| rows [1, 1, 2], [3, 2, 5]; |dy| columns [1, 2, 3], [2, 3, 5]: (44 + 52) / 4
+    assert GradientDifferenceLoss("zero")(pred, target).item() == pytest.approx(24.0)
+    # valid: |dx| 1, 2 and |dy| 2, 3: (5 + 13) / 4
+    assert GradientDifferenceLoss("valid")(pred, target).item() == pytest.approx(4.5)
+    assert GradientDifferenceLoss("valid", exponent=1)(pred, target).item() == pytest.approx(2.0)
+
+
+def test_gradient_difference_loss_equals_the_reference_convolutions():
+    """Nie et al.'s gdl_loss: fixed 1x2 and 2x1 convs with zero padding, magnitudes, p = 2, / (B C H W)."""
+    generator = torch.Generator().manual_seed(3)
+    pred, target = torch.rand(3, 1, 7, 6, generator=generator), torch.rand(3, 1, 7, 6, generator=generator)
+    kernel_x = torch.tensor([[[[-1.0, 1.0]]]])
+    kernel_y = torch.tensor([[[[1.0], [-1.0]]]])
+
+    def grads(x):
+        return (
+            nn.functional.conv2d(x, kernel_x, padding=(0, 1)).abs(),
+            nn.functional.conv2d(x, kernel_y, padding=(1, 0)).abs(),
+        )
+
+    (pdx, pdy), (tdx, tdy) = grads(pred), grads(target)
+    expected = ((tdx - pdx).square().sum() + (tdy - pdy).square().sum()) / target.numel()
+    torch.testing.assert_close(GradientDifferenceLoss("zero")(pred, target), expected)
+
+
+def test_gradient_difference_loss_border_behaviour():
+    image = torch.rand(2, 1, 8, 8)
+    assert GradientDifferenceLoss("zero")(image, image).item() == 0.0
+    # a constant offset has no interior gradient, but the zero-padded form sees the shifted border pixels
+    assert GradientDifferenceLoss("valid")(image + 0.3, image).item() == pytest.approx(0.0, abs=1e-10)
+    assert GradientDifferenceLoss("zero")(image + 0.3, image).item() > 0.01
+    with pytest.raises(ValueError, match="padding must be"):
+        GradientDifferenceLoss("reflect")
