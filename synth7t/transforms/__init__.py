@@ -20,6 +20,7 @@ from synth7t.transforms.diffusion import (
     read_fsl_bvals,
     read_fsl_bvecs,
 )
+from synth7t.transforms.gmm import RandGMMIntensity, RandGMMIntensityd
 from synth7t.transforms.intensity import NonzeroMask, NonzeroMaskd, PercentileScaleIntensity, PercentileScaleIntensityd
 from synth7t.transforms.slabs import SlabToChannels, SlabToChannelsd, slab_to_channels
 
@@ -38,6 +39,8 @@ __all__ = [
     "NonzeroMaskd",
     "PercentileScaleIntensity",
     "PercentileScaleIntensityd",
+    "RandGMMIntensity",
+    "RandGMMIntensityd",
     "SlabToChannels",
     "SlabToChannelsd",
     "check_diffusion_series",
