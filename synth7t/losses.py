@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
+from monai.losses import PerceptualLoss
 from torch import nn
+
+from synth7t.data import InputError
 
 __all__ = [
     "GradientDifferenceLoss",
     "PerSampleSumL1Loss",
+    "SynthesisLoss",
     "WassersteinAdversarialLoss",
     "critic_scores",
     "gradient_penalty",
+    "radimagenet_perceptual_loss",
 ]
 
 
@@ -107,3 +114,71 @@ class GradientDifferenceLoss(nn.Module):
         (pred_dx, pred_dy), (true_dx, true_dy) = self._gradients(input), self._gradients(target)
         total = (true_dx - pred_dx).abs().pow(self.exponent).sum() + (true_dy - pred_dy).abs().pow(self.exponent).sum()
         return total / target.numel()
+
+
+PERCEPTUAL_HUB_REPO = "Project-MONAI/perceptual-models:main"
+
+
+def radimagenet_perceptual_loss(cache_dir: str | os.PathLike | None = None, allow_download: bool = False) -> nn.Module:
+    """MONAI's ``PerceptualLoss`` on RadImageNet ResNet-50 features, the thesis's perceptual loss (spec §4).
+
+    MONAI fetches the network through torch hub (``Project-MONAI/perceptual-models``). Machines without internet
+    need a hub cache that already holds it: ``cache_dir`` (default ``torch.hub.get_dir()``) must contain
+    ``Project-MONAI_perceptual-models_main`` and the weights its ``hubconf.py`` loads, e.g. a copy of
+    ``~/.cache/torch/hub`` from a machine where the loss was built once. Without ``allow_download`` a missing cache
+    is an :class:`synth7t.data.InputError` raised before any network access; with it, MONAI downloads. Any failure
+    while loading is reported the same way, naming the cache.
+    """
+    hub_dir = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir())
+    repo_dir = hub_dir / PERCEPTUAL_HUB_REPO.replace("/", "_").replace(":", "_")
+    advice = (
+        "Build the loss once on a machine with internet access (allow_download=True) and copy its torch hub cache "
+        "here, point perceptual_cache_dir at such a cache, or set perceptual_weight to 0."
+    )
+    if not repo_dir.is_dir() and not allow_download:
+        raise InputError(f"{repo_dir}: the RadImageNet ResNet-50 of the perceptual loss is not in this torch hub cache. {advice}")
+    try:
+        return PerceptualLoss(spatial_dims=2, network_type="radimagenet_resnet50", cache_dir=str(hub_dir))
+    except Exception as error:  # noqa: BLE001 - hub, download and unpickling errors all mean "weights unavailable"
+        raise InputError(f"{hub_dir}: the RadImageNet ResNet-50 of the perceptual loss failed to load ({error}). {advice}") from error
+
+
+class SynthesisLoss(nn.Module):
+    """The generator's supervised loss: ``L1 + perceptual_weight * perceptual + gdl_weight * GDL``.
+
+    The thesis U-Net minimises L1 + lambda_perc * RadImageNet perceptual loss (spec ganunet.md §4, lambda from
+    appendix Table 2); seed 003 adds the gradient difference loss (Eq. 5). A term whose weight is 0 is not
+    computed, so no perceptual network is needed then.
+
+    Args:
+        perceptual: a module ``(pred, target) -> loss``, e.g. :func:`radimagenet_perceptual_loss`; required when
+            ``perceptual_weight > 0``.
+        perceptual_weight: lambda_perc.
+        gradient_difference: a :class:`GradientDifferenceLoss`; required when ``gradient_difference_weight > 0``.
+        gradient_difference_weight: lambda of the GDL.
+    """
+
+    def __init__(
+        self,
+        perceptual: nn.Module | None = None,
+        perceptual_weight: float = 0.0,
+        gradient_difference: nn.Module | None = None,
+        gradient_difference_weight: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if perceptual_weight and perceptual is None:
+            raise ValueError("perceptual_weight > 0 needs a perceptual loss module.")
+        if gradient_difference_weight and gradient_difference is None:
+            raise ValueError("gradient_difference_weight > 0 needs a gradient difference loss module.")
+        self.perceptual = perceptual if perceptual_weight else None
+        self.gradient_difference = gradient_difference if gradient_difference_weight else None
+        self.perceptual_weight = perceptual_weight
+        self.gradient_difference_weight = gradient_difference_weight
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = nn.functional.l1_loss(input, target)
+        if self.perceptual is not None:
+            loss = loss + self.perceptual_weight * self.perceptual(input.float(), target.float()).mean()
+        if self.gradient_difference is not None:
+            loss = loss + self.gradient_difference_weight * self.gradient_difference(input, target)
+        return loss

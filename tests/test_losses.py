@@ -8,12 +8,15 @@ import torch
 from monai.networks.nets import PatchDiscriminator
 from torch import nn
 
+from synth7t.data import InputError
 from synth7t.losses import (
     GradientDifferenceLoss,
     PerSampleSumL1Loss,
+    SynthesisLoss,
     WassersteinAdversarialLoss,
     critic_scores,
     gradient_penalty,
+    radimagenet_perceptual_loss,
 )
 
 
@@ -137,3 +140,82 @@ def test_gradient_difference_loss_border_behaviour():
     assert GradientDifferenceLoss("zero")(image + 0.3, image).item() > 0.01
     with pytest.raises(ValueError, match="padding must be"):
         GradientDifferenceLoss("reflect")
+
+
+# --- the generator's supervised loss and the RadImageNet perceptual loss (spec ganunet.md §4) -------------------
+
+TINY_HUBCONF = '''
+import torch
+from torch import nn
+
+dependencies = ["torch"]
+
+
+def radimagenet_resnet50(verbose=False, **kwargs):
+    """A stand-in with the hub entry point's name: two convs instead of ResNet-50, weights from a local file."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, stride=2, padding=1))
+    model.load_state_dict(torch.load(__file__.replace("hubconf.py", "weights.pt"), weights_only=True))
+    return model
+'''
+
+
+@pytest.fixture
+def restore_hub_dir():
+    previous = torch.hub.get_dir()
+    yield
+    torch.hub.set_dir(previous)
+
+
+def _tiny_hub_cache(root):
+    repo = root / "Project-MONAI_perceptual-models_main"
+    repo.mkdir(parents=True)
+    (repo / "hubconf.py").write_text(TINY_HUBCONF)
+    torch.manual_seed(0)
+    weights = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, stride=2, padding=1))
+    torch.save(weights.state_dict(), repo / "weights.pt")
+    return root
+
+
+def test_perceptual_loss_loads_from_a_local_hub_cache(tmp_path, restore_hub_dir):
+    loss = radimagenet_perceptual_loss(cache_dir=_tiny_hub_cache(tmp_path / "hub"))
+    assert not any(p.requires_grad for p in loss.parameters())
+    image = torch.rand(2, 1, 16, 16)
+    assert loss(image, image).item() == pytest.approx(0.0, abs=1e-7)
+    assert loss(image, torch.rand(2, 1, 16, 16)).item() > 0
+
+
+def test_perceptual_loss_without_weights_names_the_cache_before_any_download(tmp_path, restore_hub_dir):
+    with pytest.raises(InputError, match=r"Project-MONAI_perceptual-models_main: .* not in this torch hub cache.*perceptual_weight to 0"):
+        radimagenet_perceptual_loss(cache_dir=tmp_path / "empty")
+
+
+def test_perceptual_loss_with_broken_weights_names_the_cache(tmp_path, restore_hub_dir):
+    cache = _tiny_hub_cache(tmp_path / "hub")
+    (cache / "Project-MONAI_perceptual-models_main" / "weights.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="failed to load"):
+        radimagenet_perceptual_loss(cache_dir=cache)
+
+
+class _MeanFeatureDistance(nn.Module):
+    """A perceptual stand-in with a known value: |mean(pred) - mean(target)| per sample, averaged."""
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (input.mean(dim=(1, 2, 3)) - target.mean(dim=(1, 2, 3))).abs()
+
+
+def test_synthesis_loss_adds_the_weighted_terms():
+    pred = torch.tensor([[[[1.0, 2.0], [3.0, 5.0]]]])
+    target = torch.zeros_like(pred)
+    assert SynthesisLoss()(pred, target).item() == pytest.approx(11 / 4)
+    with_perceptual = SynthesisLoss(_MeanFeatureDistance(), perceptual_weight=0.1)
+    assert with_perceptual(pred, target).item() == pytest.approx(11 / 4 + 0.1 * 11 / 4)
+    with_gdl = SynthesisLoss(gradient_difference=GradientDifferenceLoss("valid"), gradient_difference_weight=0.5)
+    assert with_gdl(pred, target).item() == pytest.approx(11 / 4 + 0.5 * 4.5)
+
+
+def test_synthesis_loss_skips_zero_weighted_terms_and_needs_modules_for_the_others():
+    assert SynthesisLoss(_MeanFeatureDistance(), perceptual_weight=0.0).perceptual is None
+    with pytest.raises(ValueError, match="needs a perceptual loss module"):
+        SynthesisLoss(perceptual_weight=1e-3)
+    with pytest.raises(ValueError, match="needs a gradient difference loss module"):
+        SynthesisLoss(gradient_difference_weight=1.0)
