@@ -34,6 +34,12 @@ class SlabInferer(Inferer):
             predicts the middle slice only (output ``(N, C_out, X, Y)``).
         batch_size: slabs per forward pass.
         padding_mode: ``torch.nn.functional.pad`` mode for the slice axis ("replicate", "reflect", "constant").
+        append_slice_position: give the network a ``context`` keyword whose last entry is the position of the
+            slab's centre slice, ``linspace(-0.5, 0.5, Z)[z]`` (the coordinate MONAI's ``AddCoordinateChannels`` gives
+            the training slabs), after the ``context`` passed to this inferer, if any.
+
+    A ``context`` keyword of shape ``(B, D)`` (per-volume conditioning, e.g. age, sex, diagnosis) is given to the
+    network for every slab of volume ``b`` as ``context[b]``.
 
     Returns ``(B, C_out, X, Y, Z)`` on the input's device, float32; a ``MetaTensor`` carrying the input's metadata
     (affine, applied transforms) when the input is one, so ``Invertd`` can undo the preprocessing on it, as with
@@ -41,9 +47,15 @@ class SlabInferer(Inferer):
     """
 
     def __init__(
-        self, slab_size: int = 3, output: str = "slab", batch_size: int = 16, padding_mode: str = "replicate"
+        self,
+        slab_size: int = 3,
+        output: str = "slab",
+        batch_size: int = 16,
+        padding_mode: str = "replicate",
+        append_slice_position: bool = False,
     ) -> None:
         super().__init__()
+        self.append_slice_position = append_slice_position
         if slab_size < 1 or slab_size % 2 == 0:
             raise ValueError(f"slab_size must be a positive odd number, got {slab_size}.")
         if output not in ("slab", "center"):
@@ -63,15 +75,40 @@ class SlabInferer(Inferer):
         padded = F.pad(volumes, (half, half, 0, 0, 0, 0), mode=self.padding_mode) if half else volumes
         # (B, C, X, Y, Z, k): slab z covers padded slices z .. z + k - 1, i.e. input slices z - half .. z + half.
         slabs = padded.unfold(-1, k, 1)
-        outputs = torch.stack([self._infer_volume(volume_slabs, network, *args, **kwargs) for volume_slabs in slabs])
+        context = kwargs.pop("context", None)
+        outputs = torch.stack(
+            [
+                self._infer_volume(volume_slabs, network, None if context is None else context[b], *args, **kwargs)
+                for b, volume_slabs in enumerate(slabs)
+            ]
+        )
         return convert_to_dst_type(outputs, dst=inputs)[0]
 
-    def _infer_volume(self, slabs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any):
+    def _slab_context(self, context: torch.Tensor | None, start: int, stop: int, depth: int, device: torch.device):
+        """The ``context`` of slabs ``start..stop-1``: the volume's vector, then the slice position if asked for."""
+        parts = []
+        if context is not None:
+            parts.append(torch.as_tensor(context, device=device).float().reshape(1, -1).expand(stop - start, -1))
+        if self.append_slice_position:
+            parts.append(torch.linspace(-0.5, 0.5, depth, device=device)[start:stop, None])
+        return torch.cat(parts, dim=1) if parts else None
+
+    def _infer_volume(
+        self,
+        slabs: torch.Tensor,
+        network: Callable[..., torch.Tensor],
+        context: torch.Tensor | None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         channels, height, width, depth, k = slabs.shape
         total: torch.Tensor | None = None
         for start in range(0, depth, self.batch_size):
             stop = min(start + self.batch_size, depth)
             batch = slabs[:, :, :, start:stop].permute(3, 0, 4, 1, 2).reshape(stop - start, channels * k, height, width)
+            slab_context = self._slab_context(context, start, stop, depth, batch.device)
+            if slab_context is not None:
+                kwargs["context"] = slab_context
             prediction = network(batch, *args, **kwargs).float()
             if total is None:
                 out_channels = prediction.shape[1] // (k if self.output == "slab" else 1)

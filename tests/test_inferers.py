@@ -163,3 +163,41 @@ def test_invalid_output_mode_raises():
 def test_non_5d_input_raises(shape):
     with pytest.raises(ValueError, match="B, C, X, Y, Z"):
         SlabInferer()(torch.zeros(shape), _identity)
+
+
+# --- conditioning: per-volume context and slice position (spec ganunet.md §1.9, §3.5) ---------------------------
+
+
+class _ContextEcho(torch.nn.Module):
+    """Returns, for each slab, a constant image per context entry (the centre-slice prediction of a 'center' net)."""
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return context[:, :, None, None].expand(-1, -1, *x.shape[-2:])
+
+
+def test_slice_position_matches_monai_coordinate_channels():
+    from monai.transforms import AddCoordinateChannels
+
+    volume = torch.rand(1, 1, 4, 3, 7)
+    inferer = SlabInferer(slab_size=3, output="center", batch_size=2, append_slice_position=True)
+    positions = inferer(volume, _ContextEcho())
+    coordinates = AddCoordinateChannels(spatial_dims=[2])(volume[0])[-1]  # the z coordinate of every voxel
+    torch.testing.assert_close(positions[0, 0], torch.as_tensor(coordinates, dtype=torch.float32))
+
+
+def test_volume_context_reaches_every_slab_of_its_volume_then_the_position():
+    volumes = torch.rand(2, 1, 4, 3, 5)
+    context = torch.tensor([[0.7, 1.0], [0.3, 0.0]])
+    out = SlabInferer(slab_size=3, output="center", batch_size=3, append_slice_position=True)(
+        volumes, _ContextEcho(), context=context
+    )
+    assert out.shape == (2, 3, 4, 3, 5)
+    for b in range(2):
+        for d in range(2):
+            assert torch.all(out[b, d] == context[b, d])
+        torch.testing.assert_close(out[b, 2, 0, 0], torch.linspace(-0.5, 0.5, 5))
+
+
+def test_volume_context_without_position():
+    out = SlabInferer(slab_size=1, output="center")(torch.rand(1, 1, 2, 2, 3), _ContextEcho(), context=torch.tensor([[0.5]]))
+    assert torch.all(out == 0.5)
