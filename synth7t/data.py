@@ -16,13 +16,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from synth7t.errors import InputError
 from synth7t.transforms.diffusion import check_diffusion_series, read_fsl_bvals, read_fsl_bvecs
 
 __all__ = ["InputError", "load_datalist"]
-
-
-class InputError(ValueError):
-    """Bad input found before any compute; the message names the file and the problem."""
 
 
 def _read_split(datalist: Path, splits: Sequence[str]) -> tuple[str, list[dict]]:

@@ -10,7 +10,7 @@ import torch
 from monai.losses import PerceptualLoss
 from torch import nn
 
-from synth7t.data import InputError
+from synth7t.errors import InputError
 
 __all__ = [
     "GradientDifferenceLoss",

@@ -1,5 +1,6 @@
 """MONAI-style transforms shared by the bundles (array and dictionary forms)."""
 
+from synth7t.transforms.conditioning import CONTEXT_FIELDS, SubjectContextd, encode_subject_context
 from synth7t.transforms.degradation import (
     HistogramMatch,
     HistogramMatchd,
@@ -25,6 +26,7 @@ from synth7t.transforms.intensity import NonzeroMask, NonzeroMaskd, PercentileSc
 from synth7t.transforms.slabs import SlabToChannels, SlabToChannelsd, slab_to_channels
 
 __all__ = [
+    "CONTEXT_FIELDS",
     "ComputeADC",
     "ComputeADCd",
     "HistogramMatch",
@@ -43,7 +45,9 @@ __all__ = [
     "RandGMMIntensityd",
     "SlabToChannels",
     "SlabToChannelsd",
+    "SubjectContextd",
     "check_diffusion_series",
+    "encode_subject_context",
     "fit_adc",
     "kspace_truncate",
     "read_fsl_bvals",
