@@ -53,3 +53,12 @@ def test_dictionary_transform_adds_a_float_vector():
     assert out["context"].dtype == torch.float32
     torch.testing.assert_close(out["context"], torch.tensor([0.5, 1.0, 0.0]))
     assert out["age"] == 50  # the datalist fields stay
+
+
+def test_slice_position_is_appended_and_an_empty_context_is_allowed():
+    item = {"age": 50, "sex": 0, "diagnosis": 1, "slice_position": torch.tensor([[-0.25]])}
+    out = SubjectContextd(slice_position_key="slice_position")(item)
+    torch.testing.assert_close(out["context"], torch.tensor([0.5, 0.0, 1.0, -0.25]))
+    only_position = SubjectContextd(fields=(), slice_position_key="slice_position")(item)
+    torch.testing.assert_close(only_position["context"], torch.tensor([-0.25]))
+    assert SubjectContextd(fields=())({"image": 0})["context"].shape == (0,)

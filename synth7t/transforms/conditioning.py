@@ -14,7 +14,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
-from monai.transforms import MapTransform
+from monai.transforms import Transform
 
 from synth7t.errors import InputError
 
@@ -62,20 +62,29 @@ def encode_subject_context(item: Mapping[Hashable, Any], fields: Sequence[str] =
     return encoded
 
 
-class SubjectContextd(MapTransform):
-    """Put ``encode_subject_context(item, fields)`` at ``output_key`` as a float32 tensor of shape ``(len(fields),)``.
+class SubjectContextd(Transform):
+    """Put the conditioning vector at ``output_key``: ``encode_subject_context(item, fields)``, then the value at
+    ``slice_position_key`` when given, as a float32 tensor. With no fields and no position it is empty, which an
+    unconditioned network ignores, so one config serves conditioned and unconditioned networks.
 
     Args:
         fields: the datalist fields to encode, in order (a subset of age, sex, diagnosis).
         output_key: where the vector goes (``"context"``, which the configs pass to the network).
+        slice_position_key: a key holding the training slab's slice position (one number), or None.
     """
 
-    def __init__(self, fields: Sequence[str] = CONTEXT_FIELDS, output_key: str = "context") -> None:
-        super().__init__(keys=list(fields))
+    def __init__(
+        self, fields: Sequence[str] = CONTEXT_FIELDS, output_key: str = "context", slice_position_key: str | None = None
+    ) -> None:
         self.fields = tuple(fields)
         self.output_key = output_key
+        self.slice_position_key = slice_position_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        d[self.output_key] = torch.tensor(encode_subject_context(d, self.fields), dtype=torch.float32)
+        context = torch.tensor(encode_subject_context(d, self.fields), dtype=torch.float32)
+        if self.slice_position_key is not None:
+            position = torch.as_tensor(d[self.slice_position_key], dtype=torch.float32).reshape(1)
+            context = torch.cat([context, position])
+        d[self.output_key] = context
         return d
