@@ -13,9 +13,18 @@ from typing import Any, TypeVar
 
 from monai.bundle import ConfigWorkflow
 
-from synth7t import data
+from synth7t import data, losses, transforms
+from synth7t.errors import InputError
 
-__all__ = ["BadInput", "bundle_root", "load_datalist", "require_file", "stop_on_bad_input"]
+__all__ = [
+    "BadInput",
+    "bundle_root",
+    "encode_subject_context",
+    "load_datalist",
+    "radimagenet_perceptual_loss",
+    "require_file",
+    "stop_on_bad_input",
+]
 
 T = TypeVar("T")
 
@@ -26,7 +35,7 @@ class BadInput(SystemExit):
     MONAI's config expressions wrap every ``Exception`` in ``RuntimeError("Failed to evaluate ...")``, which would
     bury the message naming the file and the problem (BUNDLES.md "Bad input") in a chained traceback. A
     ``SystemExit`` passes through those handlers; Python prints its message alone. Library code raises
-    :class:`synth7t.data.InputError`; this class is only raised at the config boundary.
+    :class:`synth7t.errors.InputError`; this class is only raised at the config boundary.
     """
 
     def __init__(self, error: Exception) -> None:
@@ -75,23 +84,25 @@ def _command_line_config_files() -> list[str]:
 
 
 def stop_on_bad_input(function: Callable[..., T]) -> Callable[..., T]:
-    """``function`` for configs: its :class:`synth7t.data.InputError` stops the workflow as :class:`BadInput`."""
+    """``function`` for configs: its :class:`synth7t.errors.InputError` stops the workflow as :class:`BadInput`."""
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> T:
         try:
             return function(*args, **kwargs)
-        except data.InputError as error:
+        except InputError as error:
             raise BadInput(error) from None
 
     return wrapper
 
 
 load_datalist = stop_on_bad_input(data.load_datalist)
+encode_subject_context = stop_on_bad_input(transforms.encode_subject_context)
+radimagenet_perceptual_loss = stop_on_bad_input(losses.radimagenet_perceptual_loss)
 
 
 def require_file(path: str | os.PathLike, what: str) -> str:
     """Return ``path`` if it is a file, else stop with :class:`BadInput` naming it (e.g. a missing checkpoint)."""
     if not Path(path).is_file():
-        raise BadInput(data.InputError(f"{path}: {what} not found."))
+        raise BadInput(InputError(f"{path}: {what} not found."))
     return str(path)

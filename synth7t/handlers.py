@@ -16,7 +16,6 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 from monai.data import MetaTensor
-from monai.handlers import from_engine
 from monai.transforms import Orientation
 
 from synth7t.metrics import summarize, volume_metrics
@@ -26,17 +25,22 @@ __all__ = ["LossProgressBar", "VolumeMetricsWriter", "write_atomically"]
 logger = logging.getLogger(__name__)
 
 
+def _engine_loss(output: Any) -> Any:
+    """The ``loss`` of an engine output: a list of per-sample dicts (decollated) or one dict (``decollate=False``)."""
+    return output[0]["loss"] if isinstance(output, (list, tuple)) else output["loss"]
+
+
 class LossProgressBar(ProgressBar):
     """ignite's tqdm progress bar over each epoch's iterations, showing the current loss.
 
     MONAI engines attach every handler with ``handler.attach(engine)``; ignite's bar then shows no loss, so this
-    subclass supplies the output transform (``loss`` of the engine output by default).
+    subclass supplies the output transform (``loss`` of the engine output by default, decollated or not).
     """
 
-    def __init__(self, output_transform: Callable = from_engine(["loss"], first=True), **kwargs: Any) -> None:
+    def __init__(self, output_transform: Callable | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("persist", True)
         super().__init__(**kwargs)
-        self._output_transform = output_transform
+        self._output_transform = output_transform or _engine_loss
 
     def attach(self, engine: Engine, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         kwargs.setdefault("output_transform", lambda output: {"loss": self._output_transform(output)})

@@ -132,8 +132,8 @@ def radimagenet_perceptual_loss(cache_dir: str | os.PathLike | None = None, allo
     hub_dir = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir())
     repo_dir = hub_dir / PERCEPTUAL_HUB_REPO.replace("/", "_").replace(":", "_")
     advice = (
-        "Build the loss once on a machine with internet access (allow_download=True) and copy its torch hub cache "
-        "here, point perceptual_cache_dir at such a cache, or set perceptual_weight to 0."
+        "Run once with perceptual_allow_download True on a machine with internet access and copy its torch hub "
+        "cache here, point perceptual_cache_dir at such a cache, or set perceptual_weight to 0."
     )
     if not repo_dir.is_dir() and not allow_download:
         raise InputError(f"{repo_dir}: the RadImageNet ResNet-50 of the perceptual loss is not in this torch hub cache. {advice}")

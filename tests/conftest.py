@@ -61,6 +61,34 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+TINY_HUBCONF = '''
+import torch
+from torch import nn
+
+dependencies = ["torch"]
+
+
+def radimagenet_resnet50(verbose=False, **kwargs):
+    """A stand-in with the hub entry point's name: two convs instead of ResNet-50, weights from a local file."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, stride=2, padding=1))
+    model.load_state_dict(torch.load(__file__.replace("hubconf.py", "weights.pt"), weights_only=True))
+    return model
+'''
+
+
+def tiny_hub_cache(root: Path) -> Path:
+    """A torch hub cache holding a two-conv stand-in for Project-MONAI/perceptual-models' RadImageNet ResNet-50."""
+    repo = root / "Project-MONAI_perceptual-models_main"
+    repo.mkdir(parents=True)
+    (repo / "hubconf.py").write_text(TINY_HUBCONF)
+    torch.manual_seed(0)
+    weights = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 8, 3, stride=2, padding=1)
+    )
+    torch.save(weights.state_dict(), repo / "weights.pt")
+    return root
+
+
 # Overrides that make WATNet training run in seconds on the tiny dataset.
 TINY_TRAINING = {
     "max_epochs": 1,
@@ -79,7 +107,9 @@ def bundle_command(bundle: str, run_id: str, configs: list[str], **overrides) ->
     command = [sys.executable, "-m", "monai.bundle", "run", run_id]
     command += ["--config_file", files[0] if len(files) == 1 else json.dumps(files)]
     for key, value in overrides.items():
-        command += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+        # fire reads Python literals: True, not JSON's true
+        text = value if isinstance(value, str) else str(value) if isinstance(value, bool) else json.dumps(value)
+        command += [f"--{key}", text]
     return command
 
 

@@ -59,3 +59,12 @@ def test_loss_progress_bar_shows_the_loss(capsys):
     LossProgressBar().attach(engine)
     engine.run(range(3), max_epochs=1)
     assert "loss=0.25" in capsys.readouterr().err
+
+
+def test_loss_progress_bar_reads_an_output_that_is_not_decollated(capsys):
+    # the GAN trainer runs with decollate=False: its output is one dict
+    engine = Engine(lambda engine, batch: {"loss": torch.tensor(0.5), "discriminator_loss": torch.tensor(-1.0)})
+    LossProgressBar().attach(engine)
+    engine.run(range(2), max_epochs=1)
+    err = capsys.readouterr().err
+    assert "loss=0.5" in err and "loss_0" not in err

@@ -8,6 +8,7 @@ import torch
 from monai.networks.nets import PatchDiscriminator
 from torch import nn
 
+from conftest import tiny_hub_cache
 from synth7t.data import InputError
 from synth7t.losses import (
     GradientDifferenceLoss,
@@ -144,21 +145,6 @@ def test_gradient_difference_loss_border_behaviour():
 
 # --- the generator's supervised loss and the RadImageNet perceptual loss (spec ganunet.md §4) -------------------
 
-TINY_HUBCONF = '''
-import torch
-from torch import nn
-
-dependencies = ["torch"]
-
-
-def radimagenet_resnet50(verbose=False, **kwargs):
-    """A stand-in with the hub entry point's name: two convs instead of ResNet-50, weights from a local file."""
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, stride=2, padding=1))
-    model.load_state_dict(torch.load(__file__.replace("hubconf.py", "weights.pt"), weights_only=True))
-    return model
-'''
-
-
 @pytest.fixture
 def restore_hub_dir():
     previous = torch.hub.get_dir()
@@ -166,18 +152,8 @@ def restore_hub_dir():
     torch.hub.set_dir(previous)
 
 
-def _tiny_hub_cache(root):
-    repo = root / "Project-MONAI_perceptual-models_main"
-    repo.mkdir(parents=True)
-    (repo / "hubconf.py").write_text(TINY_HUBCONF)
-    torch.manual_seed(0)
-    weights = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, stride=2, padding=1))
-    torch.save(weights.state_dict(), repo / "weights.pt")
-    return root
-
-
 def test_perceptual_loss_loads_from_a_local_hub_cache(tmp_path, restore_hub_dir):
-    loss = radimagenet_perceptual_loss(cache_dir=_tiny_hub_cache(tmp_path / "hub"))
+    loss = radimagenet_perceptual_loss(cache_dir=tiny_hub_cache(tmp_path / "hub"))
     assert not any(p.requires_grad for p in loss.parameters())
     image = torch.rand(2, 1, 16, 16)
     assert loss(image, image).item() == pytest.approx(0.0, abs=1e-7)
@@ -190,7 +166,7 @@ def test_perceptual_loss_without_weights_names_the_cache_before_any_download(tmp
 
 
 def test_perceptual_loss_with_broken_weights_names_the_cache(tmp_path, restore_hub_dir):
-    cache = _tiny_hub_cache(tmp_path / "hub")
+    cache = tiny_hub_cache(tmp_path / "hub")
     (cache / "Project-MONAI_perceptual-models_main" / "weights.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="failed to load"):
         radimagenet_perceptual_loss(cache_dir=cache)
