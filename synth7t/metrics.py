@@ -33,7 +33,7 @@ from monai.utils import convert_to_tensor
 
 __all__ = ["METRIC_NAMES", "volume_metrics", "summarize"]
 
-METRIC_NAMES: tuple[str, ...] = ("psnr", "ssim", "ssim3d", "mse", "mae")
+METRIC_NAMES: tuple[str, ...] = ("psnr", "ssim", "ssim3d", "ssim_global", "mse", "mae")
 """Whole-volume metric names returned by :func:`volume_metrics`; each also comes as ``<name>_brain``."""
 
 SSIM_WIN_SIZE = 11
@@ -130,6 +130,18 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
     return float(torch.where(mask, values, 0).sum(dtype=torch.float64) / n)
 
 
+def _global_ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float) -> float:
+    """SSIM from the statistics of all voxels at once, no window: the formula the Lund thesis gives (spec
+    ganunet.md §7.1, A15), with k1 = 0.01, k2 = 0.03 and population (co)variances. NaN for no voxels."""
+    if pred.numel() == 0:
+        return float("nan")
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_p, mu_t = pred.mean(), target.mean()
+    var_p, var_t = ((pred - mu_p) ** 2).mean(), ((target - mu_t) ** 2).mean()
+    cov = ((pred - mu_p) * (target - mu_t)).mean()
+    return float((2 * mu_p * mu_t + c1) * (2 * cov + c2) / ((mu_p**2 + mu_t**2 + c1) * (var_p + var_t + c2)))
+
+
 def _psnr(mse: float, data_range: float) -> float:
     """10·log10(data_range² / mse); ``inf`` for mse == 0, NaN for NaN."""
     if mse == 0:
@@ -171,6 +183,8 @@ def volume_metrics(
           mean over slices of TF's per-slice means (all slices have the same number of valid pixels).
           All-zero slices in both volumes score 1.
         - ``ssim3d``: mean of the 3-D 'valid' SSIM map.
+        - ``ssim_global``: SSIM of the whole volume's means, variances and covariance, no window (the Lund
+          thesis's formula, spec ganunet.md §7.1); ``ssim_global_brain`` from the mask voxels only.
         - ``ssim_brain`` / ``ssim3d_brain``: mean of the same maps over the positions whose window centre lies
           in the mask (the mask cropped by the window radius 5 along the filtered axes), pooled over all
           slices (a slice weighs by its number of brain pixels).
@@ -221,11 +235,13 @@ def volume_metrics(
         "psnr": psnr,
         "ssim": float(map2d.double().mean()),
         "ssim3d": float("nan") if map3d is None else float(map3d.double().mean()),
+        "ssim_global": _global_ssim(p64, t64, data_range),
         "mse": mse,
         "mae": mae,
         "psnr_brain": _psnr(mse_brain, data_range),
         "ssim_brain": _masked_mean(map2d, m2),
         "ssim3d_brain": float("nan") if map3d is None else _masked_mean(map3d, m3),
+        "ssim_global_brain": _global_ssim(p64[m], t64[m], data_range),
         "mse_brain": mse_brain,
         "mae_brain": mae_brain,
     }

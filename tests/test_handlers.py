@@ -43,7 +43,7 @@ def test_volume_metrics_writer_rows_baseline_and_summary(tmp_path):
     writer.record(engine)
     writer.write()
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
-    assert rows[0].startswith("subject,psnr,ssim,ssim3d,mse,mae,psnr_brain")
+    assert rows[0].startswith("subject,psnr,ssim,ssim3d,ssim_global,mse,mae,psnr_brain")
     assert [row.split(",")[0] for row in rows[1:]] == ["sub-1_3T", "sub-2_3T"]
     expected = volume_metrics(items[0][1]["image"][0], items[0][1]["label"][0], items[0][0]["mask"][0])
     header = rows[0].split(",")

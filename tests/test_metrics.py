@@ -297,3 +297,18 @@ def test_thin_volumes_get_2d_ssim_and_nan_3d_ssim():
     assert 0 < values["ssim"] < 1 and values["ssim_brain"] == pytest.approx(values["ssim"])
     with pytest.raises(ValueError, match=">= 11"):
         volume_metrics(pred[:10], target[:10])
+
+
+def test_global_ssim_is_the_thesis_formula_by_hand():
+    """Spec ganunet.md §7.1: (2 mu_x mu_y + c1)(2 cov + c2) / ((mu_x^2 + mu_y^2 + c1)(var_x + var_y + c2))."""
+    target = np.zeros((12, 12, 2))
+    target[:, :6] = 1.0  # mean 0.5, variance 0.25
+    pred = np.full_like(target, 0.5)  # mean 0.5, variance 0, covariance 0
+    c1, c2 = 0.01**2, 0.03**2
+    expected = (2 * 0.25 + c1) * c2 / ((0.25 + 0.25 + c1) * (0.25 + c2))
+    values = volume_metrics(pred, target, np.ones_like(target))
+    assert values["ssim_global"] == pytest.approx(expected, rel=1e-12)
+    assert values["ssim_global_brain"] == pytest.approx(expected, rel=1e-12)
+    assert volume_metrics(target, target)["ssim_global"] == pytest.approx(1.0)
+    # inside the mask only: the target's bright half, predicted exactly
+    assert volume_metrics(target, target, target)["ssim_global_brain"] == pytest.approx(1.0)
