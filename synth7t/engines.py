@@ -47,8 +47,9 @@ class CriticStepsAdversarialTrainer(AdversarialTrainer):
     1. updates the critic on the batch's 7T targets (real) and the generator's detached predictions (fake):
        ``d_loss_function(real_scores, fake_scores) + gradient_penalty_weight * gradient_penalty``;
     2. on every ``critic_steps``-th iteration (the first included, as in Linder-Noren's ``i % n_critic == 0``, and
-       the first after a resume), updates the generator with ``recon_loss_function(pred, target) + g_loss_function(fake_scores)``, the
-       adversarial weight being part of ``g_loss_function``.
+       the first after a resume), updates the generator with
+       ``recon_loss_function(pred, target) + g_loss_function(fake_scores)``, the adversarial weight being part of
+       ``g_loss_function``.
 
     The critic sees 7T slices only (unconditional, spec A12); conditioning arguments from ``prepare_batch`` go to
     the generator only. Critic scores are the last output of networks that return intermediate features (MONAI's

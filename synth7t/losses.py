@@ -36,7 +36,9 @@ class PerSampleSumL1Loss(nn.Module):
         return (input - target).abs().flatten(1).sum(dim=1).mean()
 
 
-def critic_scores(critic: Callable[[torch.Tensor], torch.Tensor | Sequence[torch.Tensor]], x: torch.Tensor) -> torch.Tensor:
+def critic_scores(
+    critic: Callable[[torch.Tensor], torch.Tensor | Sequence[torch.Tensor]], x: torch.Tensor
+) -> torch.Tensor:
     """The critic's patch map for ``x``: the last element when the critic returns its intermediate features, as
     MONAI's ``PatchDiscriminator`` does."""
     out = critic(x)
@@ -136,11 +138,15 @@ def radimagenet_perceptual_loss(cache_dir: str | os.PathLike | None = None, allo
         "cache here, point perceptual_cache_dir at such a cache, or set perceptual_weight to 0."
     )
     if not repo_dir.is_dir() and not allow_download:
-        raise InputError(f"{repo_dir}: the RadImageNet ResNet-50 of the perceptual loss is not in this torch hub cache. {advice}")
+        raise InputError(
+            f"{repo_dir}: the RadImageNet ResNet-50 of the perceptual loss is not in this torch hub cache. {advice}"
+        )
     try:
         return PerceptualLoss(spatial_dims=2, network_type="radimagenet_resnet50", cache_dir=str(hub_dir))
     except Exception as error:  # noqa: BLE001 - hub, download and unpickling errors all mean "weights unavailable"
-        raise InputError(f"{hub_dir}: the RadImageNet ResNet-50 of the perceptual loss failed to load ({error}). {advice}") from error
+        raise InputError(
+            f"{hub_dir}: the RadImageNet ResNet-50 of the perceptual loss failed to load ({error}). {advice}"
+        ) from error
 
 
 class SynthesisLoss(nn.Module):

@@ -74,7 +74,12 @@ def test_critic_every_iteration_generator_every_fifth():
     assert critic_steps[0] == 6
     assert generator_steps[0] == 2
     output = trainer.state.output
-    for key in (CommonKeys.LOSS, AdversarialKeys.RECONSTRUCTION_LOSS, AdversarialKeys.DISCRIMINATOR_LOSS, "gradient_penalty"):
+    for key in (
+        CommonKeys.LOSS,
+        AdversarialKeys.RECONSTRUCTION_LOSS,
+        AdversarialKeys.DISCRIMINATOR_LOSS,
+        "gradient_penalty",
+    ):
         assert torch.isfinite(output[key]), key
     assert output["gradient_penalty"] > 0
     assert output[CommonKeys.PRED].shape == output[CommonKeys.LABEL].shape == (2, 1, 16, 16)
@@ -94,7 +99,9 @@ def test_vanilla_bce_patchgan_without_penalty_updates_both_every_iteration():
 def test_generator_gets_the_context_and_the_critic_does_not():
     trainer = _trainer(context=True, critic_steps=2)
     seen = []
-    trainer.state.g_network.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("context")), with_kwargs=True)
+    trainer.state.g_network.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs.get("context")), with_kwargs=True
+    )
     trainer.run()
     assert seen and all(context is not None and context.shape == (2, 4) for context in seen)
 

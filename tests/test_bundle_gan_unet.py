@@ -168,7 +168,10 @@ def test_thesis_unet_overlays(overlay, table2, parameters):
 def test_bf_unet_halves_the_learning_rate_every_200_steps():
     parser, _, _ = _network(["train.yaml", "bf_unet.yaml"])
     scheduler = parser.get_parsed_content("lr_scheduler")
-    assert isinstance(scheduler, torch.optim.lr_scheduler.StepLR) and (scheduler.step_size, scheduler.gamma) == (200, 0.5)
+    assert isinstance(scheduler, torch.optim.lr_scheduler.StepLR) and (scheduler.step_size, scheduler.gamma) == (
+        200,
+        0.5,
+    )
     assert parser.get_parsed_content("train#schedule_handlers")[0].epoch_level is False
 
 
@@ -276,9 +279,15 @@ def test_torchrun_gan_trains_on_two_cpu_processes(tiny_dataset, tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"perceptual_cache_dir": "/nonexistent/hub"}, "RadImageNet ResNet-50 of the perceptual loss is not in this torch hub cache"),
+        (
+            {"perceptual_cache_dir": "/nonexistent/hub"},
+            "RadImageNet ResNet-50 of the perceptual loss is not in this torch hub cache",
+        ),
         ({"context_fields": ["age"], "cross_attention_stages": [2]}, "the conditioned network needs 'age'"),
-        ({"warm_start_from": "/nonexistent/unet.pt", "perceptual_weight": 0}, "/nonexistent/unet.pt: U-Net checkpoint not found"),
+        (
+            {"warm_start_from": "/nonexistent/unet.pt", "perceptual_weight": 0},
+            "/nonexistent/unet.pt: U-Net checkpoint not found",
+        ),
     ],
 )
 def test_bad_training_input_stops_with_one_message(overrides, message, tiny_dataset, tmp_path):
@@ -299,4 +308,3 @@ def test_missing_checkpoint_stops_inference(tiny_dataset, tmp_path):
     )  # fmt: skip
     assert result.returncode == 1 and "absent.pt: checkpoint not found" in result.stderr
     assert not (tmp_path / "out").exists()
-

@@ -179,7 +179,9 @@ class AttentionResUNet(nn.Module):
         stages = set(cross_attention_stages or ())
         bottleneck_stage = len(widths) + 1
         if not stages <= set(range(1, bottleneck_stage + 1)):
-            raise ValueError(f"cross_attention_stages {sorted(stages)} must lie in 1..{bottleneck_stage} (the bottleneck).")
+            raise ValueError(
+                f"cross_attention_stages {sorted(stages)} must lie in 1..{bottleneck_stage} (the bottleneck)."
+            )
         if stages and not context_dim:
             raise ValueError("cross_attention_stages need context_dim, the length of the conditioning vector.")
         if any(width % norm_num_groups for width in widths):
@@ -210,10 +212,19 @@ class AttentionResUNet(nn.Module):
         for index in reversed(range(len(widths))):
             width = widths[index]
             self.decoder.append(
-                _Stage(previous + width, width, num_res_blocks, norm_num_groups, context_for(index + 1), use_flash_attention)
+                _Stage(
+                    previous + width,
+                    width,
+                    num_res_blocks,
+                    norm_num_groups,
+                    context_for(index + 1),
+                    use_flash_attention,
+                )
             )
             previous = width
-        self.head = nn.Sequential(nn.GroupNorm(norm_num_groups, previous, eps=1e-6), nn.SiLU(), _conv(previous, out_channels))
+        self.head = nn.Sequential(
+            nn.GroupNorm(norm_num_groups, previous, eps=1e-6), nn.SiLU(), _conv(previous, out_channels)
+        )
 
     def _context_tokens(self, context: torch.Tensor | None) -> torch.Tensor | None:
         if self.context_dim is None:
@@ -222,12 +233,15 @@ class AttentionResUNet(nn.Module):
             raise ValueError(f"this network has cross-attention stages: pass a context of length {self.context_dim}.")
         tokens = context[:, None] if context.ndim == 2 else context
         if tokens.ndim != 3 or tokens.shape[-1] != self.context_dim:
-            raise ValueError(f"context must be (B, {self.context_dim}) or (B, tokens, {self.context_dim}), got {tuple(context.shape)}.")
+            expected = f"(B, {self.context_dim}) or (B, tokens, {self.context_dim})"
+            raise ValueError(f"context must be {expected}, got {tuple(context.shape)}.")
         return tokens
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[-2] % self.divisor or x.shape[-1] % self.divisor:
-            raise ValueError(f"height and width must be divisible by {self.divisor}, got {tuple(x.shape[-2:])}; pad the slices.")
+            raise ValueError(
+                f"height and width must be divisible by {self.divisor}, got {tuple(x.shape[-2:])}; pad the slices."
+            )
         tokens = self._context_tokens(context)
         h = self.stem(x)
         skips = []

@@ -80,13 +80,19 @@ class RandGMMIntensity(RandomizableTransform):
         mixture.precisions_cholesky_ = mixture.precisions_cholesky_[order]
         return mixture
 
-    def __call__(self, img: NdarrayOrTensor, mask: NdarrayOrTensor | None = None, randomize: bool = True) -> NdarrayOrTensor:
+    def __call__(
+        self, img: NdarrayOrTensor, mask: NdarrayOrTensor | None = None, randomize: bool = True
+    ) -> NdarrayOrTensor:
         if randomize:
             self.randomize()
         if not self._do_transform:
             return img
         image = convert_to_tensor(img, track_meta=False, dtype=torch.float64).numpy()
-        inside = (image != 0) if mask is None else np.broadcast_to(convert_to_tensor(mask, track_meta=False).numpy() != 0, image.shape)
+        inside = (
+            (image != 0)
+            if mask is None
+            else np.broadcast_to(convert_to_tensor(mask, track_meta=False).numpy() != 0, image.shape)
+        )
         values = image[inside]
         mixture = self.fit(values)
         means = mixture.means_[:, 0]
@@ -125,7 +131,9 @@ class RandGMMIntensityd(RandomizableTransform, MapTransform):
         self.mask_key = mask_key
         self.augment = RandGMMIntensity(1.0, mean_shift, std_shift, soft_assignment, max_fit_voxels=max_fit_voxels)
 
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> RandGMMIntensityd:
+    def set_random_state(
+        self, seed: int | None = None, state: np.random.RandomState | None = None
+    ) -> RandGMMIntensityd:
         super().set_random_state(seed, state)
         self.augment.set_random_state(seed, state)
         return self
