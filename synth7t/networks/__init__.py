@@ -3,6 +3,7 @@
 from synth7t.networks.adadm_unet import AdaDM, AdaDMResBlock, AttentionResUNet
 from synth7t.networks.basic_cnn import BasicCNN
 from synth7t.networks.haar import HaarDWT2d
+from synth7t.networks.vct import VCT, ViTEncoder
 from synth7t.networks.watnet import DistillationBlock, WaveletAffineTransform, WATNet
 
 __all__ = [
@@ -12,6 +13,8 @@ __all__ = [
     "BasicCNN",
     "DistillationBlock",
     "HaarDWT2d",
+    "VCT",
+    "ViTEncoder",
     "WaveletAffineTransform",
     "WATNet",
 ]
