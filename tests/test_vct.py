@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from scipy.special import erf
 
-from synth7t.networks import VCT
+from synth7t.errors import InputError
+from synth7t.networks import VCT, load_vit_checkpoint
 
 TINY = dict(channels=8, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64, image_size=(32, 48))
 
@@ -103,3 +106,117 @@ def test_gradients_reach_every_parameter():
     net(torch.rand(2, 2, 32, 48)).square().mean().backward()
     missing = [name for name, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, missing
+
+
+# --- R50+ViT-B/16 checkpoint loading (spec vct.md §4.4), on small checkpoints with the same key layout ------------
+
+
+def _google_vit_npz(path, hidden=32, heads=2, mlp=64, layers=2, embed_in=128, grid=3, seed=0):
+    """Random arrays under the key names and shapes of Google's R50+ViT-B/16 checkpoint, at a small size."""
+    rng = np.random.default_rng(seed)
+    head_dim = hidden // heads
+    arrays = {}
+    for i in range(layers):
+        p = f"Transformer/encoderblock_{i}"
+        a = f"{p}/MultiHeadDotProductAttention_1"
+        for name in ("query", "key", "value"):
+            arrays[f"{a}/{name}/kernel"] = rng.normal(0, 0.2, (hidden, heads, head_dim))
+            arrays[f"{a}/{name}/bias"] = rng.normal(0, 0.1, (heads, head_dim))
+        arrays[f"{a}/out/kernel"] = rng.normal(0, 0.2, (heads, head_dim, hidden))
+        arrays[f"{a}/out/bias"] = rng.normal(0, 0.1, hidden)
+        for norm in ("LayerNorm_0", "LayerNorm_2"):
+            arrays[f"{p}/{norm}/scale"] = 1 + rng.normal(0, 0.1, hidden)
+            arrays[f"{p}/{norm}/bias"] = rng.normal(0, 0.1, hidden)
+        arrays[f"{p}/MlpBlock_3/Dense_0/kernel"] = rng.normal(0, 0.2, (hidden, mlp))
+        arrays[f"{p}/MlpBlock_3/Dense_0/bias"] = rng.normal(0, 0.1, mlp)
+        arrays[f"{p}/MlpBlock_3/Dense_1/kernel"] = rng.normal(0, 0.2, (mlp, hidden))
+        arrays[f"{p}/MlpBlock_3/Dense_1/bias"] = rng.normal(0, 0.1, hidden)
+    arrays["Transformer/encoder_norm/scale"] = 1 + rng.normal(0, 0.1, hidden)
+    arrays["Transformer/encoder_norm/bias"] = rng.normal(0, 0.1, hidden)
+    arrays["embedding/kernel"] = rng.normal(0, 0.2, (1, 1, embed_in, hidden))
+    arrays["embedding/bias"] = rng.normal(0, 0.1, hidden)
+    position = rng.normal(0, 0.5, (1, 1 + grid * grid, hidden))
+    position[0, 0] = 1e6  # the class token, which must be dropped
+    arrays["Transformer/posembed_input/pos_embedding"] = position
+    np.savez(path, **{k: v.astype(np.float32) for k, v in arrays.items()})
+    return {k: v.astype(np.float32).astype(np.float64) for k, v in arrays.items()}
+
+
+def _layer_norm(x, scale, bias):
+    return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6) * scale + bias
+
+
+def _google_encoder_block(x, arrays, i):
+    """The flax ViT encoder block on the checkpoint's own layouts (einsum over heads), GELU with erf."""
+    p = f"Transformer/encoderblock_{i}"
+    a = f"{p}/MultiHeadDotProductAttention_1"
+    y = _layer_norm(x, arrays[f"{p}/LayerNorm_0/scale"], arrays[f"{p}/LayerNorm_0/bias"])
+    q, k, v = (
+        np.einsum("td,dhk->thk", y, arrays[f"{a}/{n}/kernel"]) + arrays[f"{a}/{n}/bias"]
+        for n in ("query", "key", "value")
+    )
+    logits = np.einsum("thk,shk->hts", q, k) / np.sqrt(q.shape[-1])
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    attended = np.einsum("hts,shk->thk", weights, v)
+    x = x + np.einsum("thk,hkd->td", attended, arrays[f"{a}/out/kernel"]) + arrays[f"{a}/out/bias"]
+    y = _layer_norm(x, arrays[f"{p}/LayerNorm_2/scale"], arrays[f"{p}/LayerNorm_2/bias"])
+    h = y @ arrays[f"{p}/MlpBlock_3/Dense_0/kernel"] + arrays[f"{p}/MlpBlock_3/Dense_0/bias"]
+    h = 0.5 * h * (1 + erf(h / np.sqrt(2)))
+    return x + h @ arrays[f"{p}/MlpBlock_3/Dense_1/kernel"] + arrays[f"{p}/MlpBlock_3/Dense_1/bias"]
+
+
+def test_loaded_encoder_computes_what_the_checkpoint_computes(tmp_path):
+    arrays = _google_vit_npz(tmp_path / "vit.npz")
+    net = VCT(**TINY).eval()
+    load_vit_checkpoint(net, tmp_path / "vit.npz")
+    tokens = np.random.default_rng(1).normal(size=(6, 32))
+    expected = tokens
+    for i in range(2):
+        expected = _google_encoder_block(expected, arrays, i)
+    expected = _layer_norm(expected, arrays["Transformer/encoder_norm/scale"], arrays["Transformer/encoder_norm/bias"])
+    with torch.no_grad():
+        out = net.blocks[0].encoder(torch.tensor(tokens, dtype=torch.float32)[None])[0]
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_embeddings_go_to_both_blocks_and_positions_are_resized_without_the_class_token(tmp_path):
+    arrays = _google_vit_npz(tmp_path / "vit.npz", grid=3)
+    net = VCT(**TINY)
+    load_vit_checkpoint(net, tmp_path / "vit.npz")
+    for block in (net.blocks[0], net.blocks[5]):
+        kernel = arrays["embedding/kernel"][0, 0]  # (in, out)
+        np.testing.assert_allclose(block.patch_embedding.weight[:, :, 0, 0].detach().numpy(), kernel.T, rtol=1e-6)
+        position = block.position_embedding.detach()
+        assert position.shape == (1, 32, 2, 3)  # the 32 x 48 token grid
+        assert position.abs().max() < 10  # the 1e6 class token was dropped
+        # tokens are row-major over the 3 x 3 grid, after the class token
+        grid = torch.tensor(arrays["Transformer/posembed_input/pos_embedding"][0, 1:], dtype=torch.float32)
+        grid = grid.reshape(3, 3, 32).permute(2, 0, 1)[None]
+        expected = torch.nn.functional.interpolate(grid, size=(2, 3), mode="bicubic", align_corners=False)
+        torch.testing.assert_close(position, expected)
+
+
+def test_unshared_encoders_each_receive_the_checkpoint(tmp_path):
+    _google_vit_npz(tmp_path / "vit.npz")
+    net = VCT(**TINY, share_transformer=False)
+    load_vit_checkpoint(net, tmp_path / "vit.npz")
+    first, second = net.blocks[0].encoder.state_dict(), net.blocks[5].encoder.state_dict()
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_missing_or_unfit_checkpoints_are_named_and_change_nothing(tmp_path):
+    net = VCT(**TINY)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(InputError, match=r"absent.npz: ViT checkpoint not found"):
+        load_vit_checkpoint(net, tmp_path / "absent.npz")
+    (tmp_path / "broken.npz").write_bytes(b"not an archive")
+    with pytest.raises(InputError, match=r"broken.npz: not a readable .npz"):
+        load_vit_checkpoint(net, tmp_path / "broken.npz")
+    _google_vit_npz(tmp_path / "wide.npz", hidden=48, heads=2)
+    with pytest.raises(InputError, match=r"wide.npz: .*\(the ViT configuration must match the checkpoint\)"):
+        load_vit_checkpoint(net, tmp_path / "wide.npz")
+    _google_vit_npz(tmp_path / "shallow.npz", layers=1)
+    with pytest.raises(InputError, match=r"shallow.npz: the ViT checkpoint has no 'Transformer/encoderblock_1/"):
+        load_vit_checkpoint(net, tmp_path / "shallow.npz")
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())

@@ -3,7 +3,7 @@
 from synth7t.networks.adadm_unet import AdaDM, AdaDMResBlock, AttentionResUNet
 from synth7t.networks.basic_cnn import BasicCNN
 from synth7t.networks.haar import HaarDWT2d
-from synth7t.networks.vct import VCT, ViTEncoder
+from synth7t.networks.vct import VCT, ViTEncoder, load_vit_checkpoint
 from synth7t.networks.watnet import DistillationBlock, WaveletAffineTransform, WATNet
 
 __all__ = [
@@ -17,4 +17,5 @@ __all__ = [
     "ViTEncoder",
     "WaveletAffineTransform",
     "WATNet",
+    "load_vit_checkpoint",
 ]

@@ -10,14 +10,19 @@ blocks are assembled here from MONAI's ``SABlock`` and ``MLPBlock``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import MLPBlock, SABlock
 from torch import nn
 
-__all__ = ["VCT", "ViTEncoder"]
+from synth7t.errors import InputError
+
+__all__ = ["VCT", "ViTEncoder", "load_vit_checkpoint"]
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
@@ -244,3 +249,87 @@ class VCT(nn.Module):
         if x.shape[-2] % 16 or x.shape[-1] % 16:
             raise ValueError(f"height and width must be divisible by 16, got {tuple(x.shape[-2:])}; pad the slices.")
         return self.decoder(self.blocks(self.encoder(x)))
+
+
+def _vit_layer_arrays(checkpoint: Mapping[str, np.ndarray], index: int, hidden: int) -> dict[str, np.ndarray]:
+    """One Google ViT encoder block in this module's parameter layout (PyTorch ``Linear`` is out x in)."""
+    prefix = f"Transformer/encoderblock_{index}"
+    attention = f"{prefix}/MultiHeadDotProductAttention_1"
+    arrays = {
+        "norm1.weight": checkpoint[f"{prefix}/LayerNorm_0/scale"],
+        "norm1.bias": checkpoint[f"{prefix}/LayerNorm_0/bias"],
+        "norm2.weight": checkpoint[f"{prefix}/LayerNorm_2/scale"],
+        "norm2.bias": checkpoint[f"{prefix}/LayerNorm_2/bias"],
+        "attn.out_proj.weight": checkpoint[f"{attention}/out/kernel"].reshape(hidden, hidden).T,
+        "attn.out_proj.bias": checkpoint[f"{attention}/out/bias"],
+        "mlp.linear1.weight": checkpoint[f"{prefix}/MlpBlock_3/Dense_0/kernel"].T,
+        "mlp.linear1.bias": checkpoint[f"{prefix}/MlpBlock_3/Dense_0/bias"],
+        "mlp.linear2.weight": checkpoint[f"{prefix}/MlpBlock_3/Dense_1/kernel"].T,
+        "mlp.linear2.bias": checkpoint[f"{prefix}/MlpBlock_3/Dense_1/bias"],
+    }
+    for name, target in (("query", "to_q"), ("key", "to_k"), ("value", "to_v")):
+        arrays[f"attn.{target}.weight"] = checkpoint[f"{attention}/{name}/kernel"].reshape(hidden, hidden).T
+        arrays[f"attn.{target}.bias"] = checkpoint[f"{attention}/{name}/bias"].reshape(hidden)
+    return arrays
+
+
+def _position_grid(position: np.ndarray, hidden: int) -> torch.Tensor:
+    """The checkpoint's position embedding as a (1, hidden, g, g) grid, its class token dropped."""
+    tokens = position.reshape(-1, hidden)
+    side = int(round(np.sqrt(tokens.shape[0] - 1)))
+    if side * side == tokens.shape[0] - 1:
+        tokens = tokens[1:]
+    else:
+        side = int(round(np.sqrt(tokens.shape[0])))
+    if side * side != tokens.shape[0]:
+        raise ValueError(f"position embedding of {tokens.shape[0]} tokens is not a square grid")
+    return torch.from_numpy(np.ascontiguousarray(tokens)).float().T.reshape(1, hidden, side, side)
+
+
+@torch.no_grad()
+def load_vit_checkpoint(model: VCT, path: str | os.PathLike) -> None:
+    """Initialise VCT's transformer blocks from Google's R50+ViT-B/16 ``.npz`` checkpoint (spec vct.md §4.4).
+
+    The 12 encoder blocks and the final LayerNorm go into the shared ViT encoder (into every encoder when they are
+    not shared); the hybrid model's 1x1 patch embedding (``embedding/kernel``, ``embedding/bias``) into each block's
+    1x1 embedding; the position embedding, its class token dropped, resized bicubically from its square grid (14 x 14
+    for the 224-pixel checkpoint) to each block's token grid. The ResNet-50 stem is not used. Raises
+    :class:`synth7t.errors.InputError` naming the file when it is missing, unreadable, or lacks a key or shape the
+    model needs, before any weight is changed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: ViT checkpoint not found.")
+    try:
+        with np.load(path) as archive:
+            checkpoint = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: not a readable .npz ViT checkpoint ({error}).") from None
+    blocks = [block for block in model.blocks if isinstance(block, TransformerARTBlock)]
+    encoders = list({id(block.encoder): block.encoder for block in blocks}.values())
+    hidden = blocks[0].patch_embedding.out_channels
+    updates: list[tuple[torch.Tensor, np.ndarray | torch.Tensor]] = []
+    try:
+        for encoder in encoders:
+            for index, layer in enumerate(encoder.layers):
+                parameters = dict(layer.named_parameters())
+                for name, array in _vit_layer_arrays(checkpoint, index, hidden).items():
+                    updates.append((parameters[name], array))
+            updates.append((encoder.norm.weight, checkpoint["Transformer/encoder_norm/scale"]))
+            updates.append((encoder.norm.bias, checkpoint["Transformer/encoder_norm/bias"]))
+        grid = _position_grid(checkpoint["Transformer/posembed_input/pos_embedding"], hidden)
+        for block in blocks:
+            kernel = checkpoint["embedding/kernel"]  # HWIO
+            updates.append((block.patch_embedding.weight, np.transpose(kernel, (3, 2, 0, 1))))
+            updates.append((block.patch_embedding.bias, checkpoint["embedding/bias"]))
+            resized = F.interpolate(grid, size=block.position_embedding.shape[-2:], mode="bicubic", align_corners=False)
+            updates.append((block.position_embedding, resized))
+        for parameter, value in updates:
+            if tuple(value.shape) != tuple(parameter.shape):
+                raise ValueError(f"shape {tuple(value.shape)} does not fit the model's {tuple(parameter.shape)}")
+    except KeyError as error:
+        raise InputError(f"{path}: the ViT checkpoint has no {error.args[0]!r} (expected R50+ViT-B/16 keys).") from None
+    except ValueError as error:
+        raise InputError(f"{path}: {error} (the ViT configuration must match the checkpoint).") from None
+    for parameter, value in updates:
+        parameter.copy_(torch.as_tensor(np.asarray(value), dtype=parameter.dtype))
