@@ -12,7 +12,7 @@ from torch import nn
 
 from synth7t.losses import critic_scores, gradient_penalty
 
-__all__ = ["AutocastNetwork", "CriticStepsAdversarialTrainer"]
+__all__ = ["AutocastNetwork", "CriticStepsAdversarialTrainer", "OnnxRuntimeNetwork"]
 
 
 class AutocastNetwork(nn.Module):
@@ -144,3 +144,31 @@ class CriticStepsAdversarialTrainer(AdversarialTrainer):
         output[CommonKeys.PRED] = output[AdversarialKeys.FAKES] = fakes
         output.update(engine.state.latest_generator_losses)
         return output
+
+
+class OnnxRuntimeNetwork(nn.Module):
+    """An exported ``model.onnx`` run by ONNX Runtime, callable like the PyTorch network it replaces.
+
+    MONAI's engines and inferers call ``network(x)`` on torch tensors (and ``network.eval()``); this module runs
+    the ONNX graph on ``x`` and returns a float32 tensor on ``x``'s device, so a bundle's inference and evaluation
+    configs switch backend by replacing ``network`` (``configs/inference_onnx.yaml``). The CUDA execution provider is
+    used when ``device`` is a CUDA device and ``onnxruntime-gpu`` offers it, the CPU provider otherwise.
+    """
+
+    def __init__(self, path: str, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        import onnxruntime
+
+        providers = ["CPUExecutionProvider"]
+        if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = onnxruntime.InferenceSession(str(path), providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (output,) = self.session.run(None, {self.input_name: x.detach().float().cpu().numpy()})
+        return torch.from_numpy(output).to(x.device)
