@@ -117,30 +117,27 @@ def test_the_critic_learns_to_separate_real_from_fake():
     assert gap > 0  # Wasserstein estimate: real scores above fake scores
 
 
-def test_checkpoint_round_trip_restores_both_networks_and_optimizers(tmp_path):
-    from monai.handlers import CheckpointLoader, CheckpointSaver
-
-    trainer = _trainer(max_epochs=1)
+def _checkpoint_items(trainer: CriticStepsAdversarialTrainer) -> dict:
     state = trainer.state
-    save_dict = {
+    return {
         "generator": state.g_network,
         "critic": state.d_network,
         "g_optimizer": state.g_optimizer,
         "d_optimizer": state.d_optimizer,
         "trainer": trainer,
     }
-    CheckpointSaver(str(tmp_path), save_dict, save_final=True, final_filename="final.pt").attach(trainer)
+
+
+def test_checkpoint_round_trip_restores_both_networks_and_optimizers(tmp_path):
+    from monai.handlers import CheckpointLoader, CheckpointSaver
+
+    trainer = _trainer(max_epochs=1)
+    CheckpointSaver(str(tmp_path), _checkpoint_items(trainer), save_final=True, final_filename="final.pt").attach(trainer)
     trainer.run()
 
     resumed = _trainer(max_epochs=2)
     rstate = resumed.state
-    load_dict = {
-        "generator": rstate.g_network,
-        "critic": rstate.d_network,
-        "g_optimizer": rstate.g_optimizer,
-        "d_optimizer": rstate.d_optimizer,
-        "trainer": resumed,
-    }
+    load_dict = _checkpoint_items(resumed)
     CheckpointLoader(str(tmp_path / "final.pt"), load_dict).attach(resumed)
     generator_steps = _count_steps(rstate.g_optimizer)
     resumed.run()
