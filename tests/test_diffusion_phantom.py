@@ -1,0 +1,92 @@
+"""Simulated diffusion series from T1w anatomy (synth7t.diffusion_phantom), checked with the ADC fit users get."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from synth7t.diffusion_phantom import (
+    DIFFUSIVITY_MM2_S,
+    PROTOCOL_3T,
+    PROTOCOL_7T,
+    resample_fractions,
+    simulate_dwi,
+    tissue_fractions,
+)
+from synth7t.transforms import fit_adc
+
+NOISELESS = 1e9
+
+
+def _three_tissue_t1w(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Blocks of CSF, grey and white matter T1w intensities (dark to bright) in a zero background."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((18, 16, 12), dtype=int)
+    labels[2:8, 2:14, 2:10], labels[8:12, 2:14, 2:10], labels[12:16, 2:14, 2:10] = 1, 2, 3
+    t1w = np.zeros(labels.shape)
+    for k, mean in ((1, 0.2), (2, 0.5), (3, 0.8)):
+        t1w[labels == k] = rng.normal(mean, 0.03, (labels == k).sum())
+    return t1w, (labels > 0).astype(np.uint8), labels
+
+
+def _pure(fractions: np.ndarray, tissue: int) -> np.ndarray:
+    one_hot = np.zeros_like(fractions)
+    one_hot[tissue] = 1.0
+    return one_hot
+
+
+def test_fractions_recover_the_tissues():
+    t1w, mask, labels = _three_tissue_t1w()
+    fractions = tissue_fractions(t1w, mask)
+    np.testing.assert_allclose(fractions.sum(axis=0)[mask > 0], 1.0, atol=1e-9)
+    assert np.all(fractions[:, mask == 0] == 0)
+    inside = mask > 0
+    assert (fractions.argmax(axis=0)[inside] + 1 == labels[inside]).mean() > 0.98
+
+
+@pytest.mark.parametrize("tissue", [0, 1, 2])
+def test_a_pure_tissue_has_its_literature_diffusivity(tissue):
+    fractions = _pure(np.zeros((3, 12, 12, 4)), tissue)
+    bvals, _ = PROTOCOL_3T.gradient_table()
+    dwi = simulate_dwi(fractions, bvals, snr=NOISELESS)
+    adc = fit_adc(np.moveaxis(dwi, -1, 0), bvals, np.ones((12, 12, 4)))
+    np.testing.assert_allclose(adc.numpy(), DIFFUSIVITY_MM2_S[tissue], rtol=1e-3)
+
+
+def test_mixed_voxels_look_slower_with_the_higher_3t_shells():
+    fractions = np.zeros((3, 12, 12, 4))
+    fractions[0], fractions[1] = 0.3, 0.7  # partial volume of CSF and grey matter
+    adc = {}
+    for name, protocol in (("3T", PROTOCOL_3T), ("7T", PROTOCOL_7T)):
+        bvals, _ = protocol.gradient_table()
+        dwi = simulate_dwi(fractions, bvals, snr=NOISELESS)
+        adc[name] = float(fit_adc(np.moveaxis(dwi, -1, 0), bvals, np.ones((12, 12, 4))).mean())
+    assert DIFFUSIVITY_MM2_S[1] < adc["3T"] < adc["7T"] < 0.3 * DIFFUSIVITY_MM2_S[0] + 0.7 * DIFFUSIVITY_MM2_S[1]
+
+
+def test_noise_level_follows_the_snr():
+    fractions = _pure(np.zeros((3, 40, 40, 10)), 2)
+    bvals = np.zeros(3)
+    dwi = simulate_dwi(fractions, bvals, snr=20.0, seed=1)
+    assert dwi.mean() == pytest.approx(1000.0, rel=0.01)  # high SNR: Rician mean close to the signal
+    assert dwi.std() == pytest.approx(1000.0 / 20.0, rel=0.1)
+    assert not np.array_equal(dwi, simulate_dwi(fractions, bvals, snr=20.0, seed=2))
+
+
+def test_gradient_tables_are_fsl_like():
+    for protocol in (PROTOCOL_3T, PROTOCOL_7T):
+        bvals, bvecs = protocol.gradient_table()
+        assert bvecs.shape == (3, bvals.size)
+        assert np.all(bvals[: protocol.b0_volumes] == 0) and np.all(bvecs[:, : protocol.b0_volumes] == 0)
+        np.testing.assert_allclose(np.linalg.norm(bvecs[:, protocol.b0_volumes :], axis=0), 1.0)
+        assert sorted(set(bvals[protocol.b0_volumes :])) == sorted(protocol.shells)
+
+
+def test_fractions_resample_to_the_protocol_grid():
+    t1w, mask, _ = _three_tissue_t1w()
+    fractions = tissue_fractions(t1w, mask)
+    resampled, affine = resample_fractions(fractions, np.eye(4), PROTOCOL_3T.voxel_size_mm)
+    np.testing.assert_allclose(np.abs(np.diag(affine)[:3]), 1.25)
+    assert resampled.shape[0] == 3 and resampled.shape[1:] == (15, 13, 10)  # 18 x 16 x 12 mm at 1.25 mm
+    total = resampled.sum(axis=0)
+    assert total.max() <= 1.0 + 1e-5 and np.isclose(total.sum() * 1.25**3, fractions.sum(), rtol=0.1)
