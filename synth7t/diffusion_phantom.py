@@ -21,17 +21,30 @@ literature figures, not fitted to any scan:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import Spacing
 
-from synth7t.transforms import RandGMMIntensity
+from synth7t.prepare import input_and_output_folders, read_volumes, split_subjects, subject_seed
+from synth7t.transforms import PercentileScaleIntensity, RandGMMIntensity, SimulateRealistic3T, fit_adc
 
-__all__ = ["DiffusionProtocol", "PROTOCOL_3T", "PROTOCOL_7T", "TISSUES", "simulate_dwi", "tissue_fractions"]
+__all__ = [
+    "DiffusionProtocol",
+    "PROTOCOL_3T",
+    "PROTOCOL_7T",
+    "TISSUES",
+    "prepare_diffusion_pairs",
+    "simulate_dwi",
+    "simulate_subject",
+    "tissue_fractions",
+]
 
 TISSUES = ("csf", "grey_matter", "white_matter")
 DIFFUSIVITY_MM2_S = np.array([3.0e-3, 0.80e-3, 0.70e-3])
@@ -60,11 +73,11 @@ class DiffusionProtocol:
         return bvals, vectors
 
 
-# HCP-like geometry and shells, with few directions (diffusion is isotropic here) to keep the files small
+# HCP-like grids and shells; three directions per shell suffice for isotropic diffusion and keep the files small
 PROTOCOL_3T = DiffusionProtocol(
-    voxel_size_mm=1.25, shells=(1000, 2000, 3000), directions_per_shell=6, b0_volumes=2, snr=15.0
+    voxel_size_mm=1.25, shells=(1000, 2000, 3000), directions_per_shell=3, b0_volumes=2, snr=15.0
 )
-PROTOCOL_7T = DiffusionProtocol(voxel_size_mm=1.05, shells=(1000, 2000), directions_per_shell=6, b0_volumes=2, snr=30.0)
+PROTOCOL_7T = DiffusionProtocol(voxel_size_mm=1.05, shells=(1000, 2000), directions_per_shell=3, b0_volumes=2, snr=30.0)
 
 
 def tissue_fractions(t1w: np.ndarray, mask: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -101,3 +114,97 @@ def simulate_dwi(fractions: np.ndarray, bvals: np.ndarray, snr: float, seed: int
     noisy = np.hypot(signal + rng.normal(0, sigma, signal.shape), rng.normal(0, sigma, signal.shape))
     noisy[~brain] = 0.0
     return noisy.astype(np.float32)
+
+
+def _write_fsl_table(path: Path, rows: np.ndarray) -> None:
+    rows = np.atleast_2d(rows)
+    path.write_text("\n".join(" ".join(f"{value:.6g}" for value in row) for row in rows) + "\n")
+
+
+def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    nib.save(nib.Nifti1Image(array, affine), path)
+
+
+def simulate_subject(
+    t1w: np.ndarray, affine: np.ndarray, output_dir: Path, subject: str, seed: int = 0
+) -> dict[str, str]:
+    """Write one subject's simulated files into ``output_dir`` and return its datalist item.
+
+    From a skull-stripped 7T-grade T1w volume (any grid): tissue fractions; on the 3T grid (1.25 mm) a DWI series
+    (``<subject>_3T_dwi.nii.gz``, int16, with ``.bval``/``.bvec``) and a 3T-like T1w (the realistic recipe of
+    :class:`synth7t.transforms.SimulateRealistic3T` at 1.25 mm, then resampled to that grid); on the 7T grid
+    (1.05 mm) a DWI series whose ADC map, fitted with :func:`synth7t.transforms.fit_adc` as the bundle fits the 3T
+    one, is the target (``<subject>_7T_ADC.nii.gz``, mm²/s), with its brain mask.
+    """
+    mask = t1w != 0
+    scaled = np.asarray(
+        PercentileScaleIntensity(0.0, 99.0)(torch.as_tensor(t1w[None], dtype=torch.float32), mask[None])[0]
+    )
+    fractions = tissue_fractions(scaled, mask, seed)
+    files = {
+        "t1w": f"{subject}_3T_T1w.nii.gz",
+        "dwi": f"{subject}_3T_dwi.nii.gz",
+        "bval": f"{subject}_3T_dwi.bval",
+        "bvec": f"{subject}_3T_dwi.bvec",
+        "label": f"{subject}_7T_ADC.nii.gz",
+        "mask": f"{subject}_7T_mask.nii.gz",
+    }
+    for protocol, field in ((PROTOCOL_3T, "3T"), (PROTOCOL_7T, "7T")):
+        grid_fractions, grid_affine = resample_fractions(fractions, affine, protocol.voxel_size_mm)
+        bvals, bvecs = protocol.gradient_table(seed)
+        dwi = simulate_dwi(grid_fractions, bvals, protocol.snr, seed + (field == "7T"))
+        if field == "3T":
+            _save(np.round(dwi).astype(np.int16), grid_affine, output_dir / files["dwi"])
+            _write_fsl_table(output_dir / files["bval"], bvals)
+            _write_fsl_table(output_dir / files["bvec"], bvecs)
+        else:
+            brain = grid_fractions.sum(axis=0) > 0.5
+            adc = fit_adc(np.moveaxis(dwi, -1, 0), bvals, brain).numpy().astype(np.float32)
+            _save(adc, grid_affine, output_dir / files["label"])
+            _save(brain.astype(np.uint8), grid_affine, output_dir / files["mask"])
+    simulator = SimulateRealistic3T(
+        target_voxel_size_mm=PROTOCOL_3T.voxel_size_mm, voxel_size=tuple(np.abs(np.diag(affine)[:3]))
+    )
+    simulator.set_random_state(seed)
+    t1w_3t = simulator(torch.as_tensor(scaled[None]), torch.as_tensor(mask[None]))
+    spacing = Spacing(pixdim=(PROTOCOL_3T.voxel_size_mm,) * 3, mode="bilinear", padding_mode="zeros")
+    t1w_3t = spacing(MetaTensor(torch.as_tensor(t1w_3t, dtype=torch.float32), affine=torch.as_tensor(affine)))
+    _save(t1w_3t[0].numpy().astype(np.float32), np.asarray(t1w_3t.affine, float), output_dir / files["t1w"])
+    return {**files, "subject": subject}
+
+
+def prepare_diffusion_pairs(
+    input_dir: str | Path,
+    output_dir: str | Path,
+    seed: int = 0,
+    validation: Sequence[str] | None = None,
+    test: Sequence[str] | None = None,
+    n_validation: int = 1,
+    n_test: int = 2,
+    overwrite: bool = False,
+) -> Path:
+    """Simulate every T1w volume of ``input_dir`` with :func:`simulate_subject` into ``output_dir`` and write
+    ``datalist.json`` (keys ``t1w``, ``dwi``, ``bval``, ``bvec``, ``label``, ``mask``; a subject-level split, see
+    :func:`synth7t.prepare.split_subjects`) and ``preparation.json``. Returns the datalist path."""
+    inputs, output = input_and_output_folders(input_dir, output_dir, overwrite)
+    datalist_path = output / "datalist.json"
+    images, volumes = read_volumes(inputs)
+    split = split_subjects(list(images), validation, test, n_validation, n_test)
+    output.mkdir(parents=True, exist_ok=True)
+    entries = {
+        subject: simulate_subject(
+            volumes[subject].astype(np.float32), image.affine, output, subject, subject_seed(seed, subject)
+        )
+        for subject, image in images.items()
+    }
+    datalist = {name: [entries[s] for s in subjects] for name, subjects in split.items()}
+    provenance = {
+        "simulation": "synth7t.diffusion_phantom",
+        "seed": seed,
+        "protocols": {"3T": asdict(PROTOCOL_3T), "7T": asdict(PROTOCOL_7T)},
+        "inputs": [str(p.resolve()) for p in inputs],
+        "split": split,
+    }
+    (output / "preparation.json").write_text(json.dumps(provenance, indent=2, default=str) + "\n")
+    datalist_path.write_text(json.dumps(datalist, indent=2) + "\n")
+    return datalist_path

@@ -23,7 +23,16 @@ from synth7t.data import InputError
 from synth7t.transforms import PercentileScaleIntensity, SimulateRealistic3T, seed001_recipe
 from synth7t.transforms.degradation import SEED001_REFERENCE_SUBJECT
 
-__all__ = ["RECIPES", "prepare_pairs", "simulate_pair", "split_subjects", "subject_id"]
+__all__ = [
+    "RECIPES",
+    "input_and_output_folders",
+    "prepare_pairs",
+    "read_volumes",
+    "simulate_pair",
+    "split_subjects",
+    "subject_id",
+    "subject_seed",
+]
 
 RECIPES = ("realistic", "seed001")
 SUFFIXES = (".nii.gz", ".nii")
@@ -58,7 +67,9 @@ def split_subjects(
     validation, test = _as_subject_list(validation), _as_subject_list(test)
     if validation is None and test is None:
         if n_validation + n_test >= len(ordered):
-            raise InputError(f"{len(ordered)} subjects cannot give {n_validation} validation and {n_test} test subjects.")
+            raise InputError(
+                f"{len(ordered)} subjects cannot give {n_validation} validation and {n_test} test subjects."
+            )
         test = ordered[len(ordered) - n_test :]
         validation = ordered[len(ordered) - n_test - n_validation : len(ordered) - n_test]
     validation, test = list(validation or []), list(test or [])
@@ -73,7 +84,7 @@ def split_subjects(
     return {"training": training, "validation": sorted(validation), "test": sorted(test)}
 
 
-def _subject_seed(seed: int, subject: str) -> int:
+def subject_seed(seed: int, subject: str) -> int:
     """A per-subject seed, so each subject's simulation does not depend on which other subjects are prepared."""
     return (zlib.crc32(subject.encode()) ^ seed) % (2**32)
 
@@ -108,7 +119,23 @@ def simulate_pair(
     return np.asarray(simulator(target, mask)[0], np.float32), np.asarray(target[0], np.float32)
 
 
-def _read_volumes(inputs: Sequence[Path]) -> tuple[dict[str, nib.Nifti1Image], dict[str, np.ndarray]]:
+def input_and_output_folders(input_dir: str | Path, output_dir: str | Path, overwrite: bool) -> tuple[list[Path], Path]:
+    """The NIfTI volumes of ``input_dir`` and the output folder, checked before anything is written: the inputs
+    exist, and the output holds no prepared datalist unless ``overwrite``."""
+    if not Path(input_dir).is_dir():
+        raise InputError(f"{input_dir}: input folder not found.")
+    inputs = sorted(p for p in Path(input_dir).iterdir() if p.name.endswith(SUFFIXES))
+    if not inputs:
+        raise InputError(f"{input_dir}: no NIfTI volume (*.nii, *.nii.gz) found.")
+    output = Path(output_dir)
+    if (output / "datalist.json").exists() and not overwrite:
+        raise InputError(
+            f"{output / 'datalist.json'}: already exists; pass overwrite=True to replace the prepared data."
+        )
+    return inputs, output
+
+
+def read_volumes(inputs: Sequence[Path]) -> tuple[dict[str, nib.Nifti1Image], dict[str, np.ndarray]]:
     """Load every input (one subject each) and check it is one finite, non-blank 3-D volume."""
     images, volumes = {}, {}
     for path in inputs:
@@ -167,16 +194,9 @@ def prepare_pairs(
     """
     if recipe not in RECIPES:
         raise InputError(f"recipe must be one of {RECIPES}, got {recipe!r}.")
-    if not Path(input_dir).is_dir():
-        raise InputError(f"{input_dir}: input folder not found.")
-    inputs = sorted(p for p in Path(input_dir).iterdir() if p.name.endswith(SUFFIXES))
-    if not inputs:
-        raise InputError(f"{input_dir}: no NIfTI volume (*.nii, *.nii.gz) found.")
-    output = Path(output_dir)
+    inputs, output = input_and_output_folders(input_dir, output_dir, overwrite)
     datalist_path = output / "datalist.json"
-    if datalist_path.exists() and not overwrite:
-        raise InputError(f"{datalist_path}: already exists; pass overwrite=True to replace the prepared data.")
-    images, volumes = _read_volumes(inputs)
+    images, volumes = read_volumes(inputs)
     split = split_subjects(list(images), validation, test, n_validation, n_test)
     reference = None
     if recipe == "seed001":
@@ -194,7 +214,7 @@ def prepare_pairs(
         if recipe == "realistic":
             options.setdefault("voxel_size", tuple(float(z) for z in image.header.get_zooms()[:3]))
         simulated, target = simulate_pair(
-            volumes[subject], recipe, _subject_seed(seed, subject), reference, percentiles, **options
+            volumes[subject], recipe, subject_seed(seed, subject), reference, percentiles, **options
         )
         files = {"image": f"{subject}_3T.nii.gz", "label": f"{subject}_7T.nii.gz", "mask": f"{subject}_mask.nii.gz"}
         arrays = {"image": simulated, "label": target, "mask": (volumes[subject] != 0).astype(np.uint8)}

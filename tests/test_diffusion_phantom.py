@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -9,11 +12,14 @@ from synth7t.diffusion_phantom import (
     DIFFUSIVITY_MM2_S,
     PROTOCOL_3T,
     PROTOCOL_7T,
+    prepare_diffusion_pairs,
     resample_fractions,
     simulate_dwi,
     tissue_fractions,
 )
-from synth7t.transforms import fit_adc
+from synth7t.transforms import fit_adc, read_fsl_bvals, read_fsl_bvecs
+
+from conftest import LPS_LIKE, brain_phantom
 
 NOISELESS = 1e9
 
@@ -90,3 +96,25 @@ def test_fractions_resample_to_the_protocol_grid():
     assert resampled.shape[0] == 3 and resampled.shape[1:] == (15, 13, 10)  # 18 x 16 x 12 mm at 1.25 mm
     total = resampled.sum(axis=0)
     assert total.max() <= 1.0 + 1e-5 and np.isclose(total.sum() * 1.25**3, fractions.sum(), rtol=0.1)
+
+
+def test_prepared_subjects_have_3t_inputs_and_a_7t_adc_target(tmp_path):
+    source = tmp_path / "t1w"
+    source.mkdir()
+    for index in range(1, 5):
+        nib.save(nib.Nifti1Image(brain_phantom((30, 34, 24), index), LPS_LIKE), source / f"sub-{index}_T1w.nii.gz")
+    datalist = json.loads(prepare_diffusion_pairs(source, tmp_path / "out", n_validation=1, n_test=1).read_text())
+    assert [len(datalist[name]) for name in ("training", "validation", "test")] == [2, 1, 1]
+    item = datalist["test"][0]
+    assert set(item) == {"t1w", "dwi", "bval", "bvec", "label", "mask", "subject"}
+    out = tmp_path / "out"
+    dwi, t1w, adc = (nib.load(out / item[key]) for key in ("dwi", "t1w", "label"))
+    assert dwi.get_data_dtype() == np.int16 and dwi.ndim == 4
+    bvals = read_fsl_bvals(out / item["bval"])
+    assert dwi.shape[3] == bvals.size == read_fsl_bvecs(out / item["bvec"]).shape[1]
+    np.testing.assert_allclose(np.abs(np.diag(dwi.affine)[:3]), 1.25)
+    np.testing.assert_allclose(np.abs(np.diag(t1w.affine)[:3]), 1.25)
+    np.testing.assert_allclose(np.abs(np.diag(adc.affine)[:3]), 1.05)
+    values = adc.get_fdata()[nib.load(out / item["mask"]).get_fdata() > 0]
+    assert 0.5e-3 < np.median(values) < 3.1e-3 and values.max() < 5e-3
+    assert json.loads((out / "preparation.json").read_text())["protocols"]["3T"]["shells"] == [1000, 2000, 3000]
