@@ -77,7 +77,11 @@ def _load_image(path: Path, where: str, allow_series: bool) -> nib.spatialimages
     return image
 
 
-def _check_same_grid(reference: tuple[Path, nib.spatialimages.SpatialImage], other: tuple[Path, nib.spatialimages.SpatialImage], where: str) -> None:
+def _check_same_grid(
+    reference: tuple[Path, nib.spatialimages.SpatialImage],
+    other: tuple[Path, nib.spatialimages.SpatialImage],
+    where: str,
+) -> None:
     (ref_path, ref), (path, image) = reference, other
     if tuple(image.shape[:3]) != tuple(ref.shape[:3]):
         raise InputError(
@@ -91,6 +95,14 @@ def _check_same_grid(reference: tuple[Path, nib.spatialimages.SpatialImage], oth
         )
 
 
+def _grid_group(key: str, grid_groups: Sequence[Sequence[str]] | None) -> str:
+    """Name of the group of keys whose images must share ``key``'s voxel grid (``None``: all keys, one group)."""
+    if grid_groups is None:
+        return "all"
+    groups = [f"group {index}" for index, group in enumerate(grid_groups) if key in group]
+    return groups[0] if groups else f"key {key}"  # a key in no group shares its grid with nothing
+
+
 def _check_item(
     item: dict,
     where: str,
@@ -98,6 +110,7 @@ def _check_item(
     required: Sequence[str],
     optional_keys: Sequence[str],
     alternatives: Mapping[str, Sequence[str]],
+    grid_groups: Sequence[Sequence[str]] | None,
 ) -> dict:
     def replaced(key: str) -> bool:
         return not item.get(key) and key in alternatives and all(item.get(alt) for alt in alternatives[key])
@@ -116,8 +129,10 @@ def _check_item(
             continue
         path = Path(item[key])
         image = _load_image(path, f"{where} key '{key}'", allow_series=key == "dwi")
-        if images:
-            _check_same_grid(next(iter(images.values())), (path, image), f"{where} key '{key}'")
+        group = _grid_group(key, grid_groups)
+        same_grid = [loaded for name, loaded in images.items() if _grid_group(name, grid_groups) == group]
+        if same_grid:
+            _check_same_grid(same_grid[0], (path, image), f"{where} key '{key}'")
         images[key] = (path, image)
     if "dwi" in images:
         _check_diffusion(item, Path(item["dwi"]), images["dwi"][1].shape[3])
@@ -143,6 +158,7 @@ def load_datalist(
     target_keys: Sequence[str] = (),
     optional_keys: Sequence[str] = ("mask",),
     alternatives: Mapping[str, Sequence[str]] | None = None,
+    grid_groups: Sequence[Sequence[str]] | None = None,
 ) -> list[dict]:
     """Load the first non-empty of ``split`` from a Decathlon-style datalist and validate every item.
 
@@ -155,6 +171,9 @@ def load_datalist(
         optional_keys: images checked when present (``["mask"]``).
         alternatives: keys that a required key may be replaced by, all together (VCT:
             ``{"adc": ["dwi", "bval", "bvec"]}``, a 4-D diffusion series and its FSL b-value and b-vector files).
+        grid_groups: keys whose images must share one voxel grid, group by group (VCT: the 3T inputs, and the 7T
+            target with its mask, ``[["t1w", "adc", "dwi"], ["label", "mask"]]``). ``None``: every image of an
+            item on one grid (the T1w bundles' 3T/7T pairs).
 
     Returns the items with absolute paths. Raises :class:`InputError` at the first problem.
     """
@@ -164,6 +183,6 @@ def load_datalist(
     name, items = _read_split(path, splits)
     required = [*image_keys, *target_keys]
     return [
-        _check_item(item, f"{path} '{name}'[{index}]", root, required, optional_keys, alternatives or {})
+        _check_item(item, f"{path} '{name}'[{index}]", root, required, optional_keys, alternatives or {}, grid_groups)
         for index, item in enumerate(items)
     ]

@@ -393,6 +393,26 @@ def test_diffusion_series_on_another_grid(tmp_path):
     _raises(tmp_path, [item], str(tmp_path / "dwi.nii.gz"), "shape", **VCT)
 
 
+VCT_GRIDS = [["t1w", "adc", "dwi"], ["label", "mask"]]
+
+
+def test_grid_groups_let_the_target_sit_on_its_own_grid(tmp_path):
+    item = _dwi_item(tmp_path)
+    target_affine = np.diag([1.05, 1.05, 1.05, 1.0])
+    _nifti(tmp_path / "adc7t.nii.gz", _volume(2, (14, 12, 9)), target_affine)
+    _nifti(tmp_path / "mask7t.nii.gz", np.ones((14, 12, 9), np.uint8), target_affine)
+    item["mask"] = "mask7t.nii.gz"
+    _raises(tmp_path, [item], str(tmp_path / "adc7t.nii.gz"), "shape", **VCT)  # one grid by default
+    (out,) = _load(tmp_path, [item], **VCT, grid_groups=VCT_GRIDS)
+    assert out["label"] == str(tmp_path / "adc7t.nii.gz")
+
+
+def test_grid_groups_still_check_within_a_group(tmp_path):
+    item = _dwi_item(tmp_path)
+    _nifti(tmp_path / "t1w.nii.gz", _volume(1), np.diag([2.0, 2.0, 2.0, 1.0]))
+    _raises(tmp_path, [item], str(tmp_path / "dwi.nii.gz"), "affine", **VCT, grid_groups=VCT_GRIDS)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # bundle wrappers
 # ----------------------------------------------------------------------------------------------------------------
