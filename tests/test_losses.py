@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import PatchDiscriminator
 from torch import nn
 
@@ -145,6 +147,7 @@ def test_gradient_difference_loss_border_behaviour():
 
 # --- the generator's supervised loss and the RadImageNet perceptual loss (spec ganunet.md §4) -------------------
 
+
 @pytest.fixture
 def restore_hub_dir():
     previous = torch.hub.get_dir()
@@ -161,7 +164,10 @@ def test_perceptual_loss_loads_from_a_local_hub_cache(tmp_path, restore_hub_dir)
 
 
 def test_perceptual_loss_without_weights_names_the_cache_before_any_download(tmp_path, restore_hub_dir):
-    with pytest.raises(InputError, match=r"Project-MONAI_perceptual-models_main: .* not in this torch hub cache.*perceptual_weight to 0"):
+    with pytest.raises(
+        InputError,
+        match=r"Project-MONAI_perceptual-models_main: .* not in this torch hub cache.*perceptual_weight to 0",
+    ):
         radimagenet_perceptual_loss(cache_dir=tmp_path / "empty")
 
 
@@ -195,3 +201,21 @@ def test_synthesis_loss_skips_zero_weighted_terms_and_needs_modules_for_the_othe
         SynthesisLoss(perceptual_weight=1e-3)
     with pytest.raises(ValueError, match="needs a gradient difference loss module"):
         SynthesisLoss(gradient_difference_weight=1.0)
+
+
+def test_bce_patchgan_terms_on_known_logits():
+    """Seed 003 Eqs. 1-2 as train_gan.yaml composes them with MONAI's PatchAdversarialLoss(criterion="bce"):
+    critic = BCE(D(real), 1) + BCE(D(fake), 0) per patch, generator = BCE(D(fake), 1), on logits (no sigmoid in D)."""
+    bce = PatchAdversarialLoss(criterion="bce")
+    zeros = torch.zeros(2, 1, 3, 3)
+    critic = bce(zeros, target_is_real=True, for_discriminator=True) + bce(
+        zeros, target_is_real=False, for_discriminator=True
+    )
+    assert critic.item() == pytest.approx(2 * np.log(2), rel=1e-6)
+    logits = torch.tensor([[[[2.0, -1.0]]]])
+    expected_generator = np.mean(np.log1p(np.exp(-np.array([2.0, -1.0]))))  # softplus(-x): -log sigmoid(x)
+    assert bce(logits, target_is_real=True, for_discriminator=False).item() == pytest.approx(
+        expected_generator, rel=1e-5
+    )
+    expected_fake = np.mean(np.log1p(np.exp(np.array([2.0, -1.0]))))  # softplus(x): -log(1 - sigmoid(x))
+    assert bce(logits, target_is_real=False, for_discriminator=True).item() == pytest.approx(expected_fake, rel=1e-5)
