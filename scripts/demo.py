@@ -47,6 +47,11 @@ DEMOS = (
         item={"image": "mni152_t1w_3t.nii.gz", "mask": "mni152_brain_mask.nii.gz"},
         target="mni152_t1w_7t.nii.gz",
     ),
+    Demo(
+        bundle="gan_unet_t1w7t",
+        item={"image": "mni152_t1w_3t.nii.gz", "mask": "mni152_brain_mask.nii.gz"},
+        target="mni152_t1w_7t.nii.gz",
+    ),
 )
 
 
