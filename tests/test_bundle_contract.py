@@ -4,14 +4,19 @@ network, and inference with them from outside the repository."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
+from monai.bundle import run as run_in_process
 
 from conftest import REPOSITORY, run_bundle
 
 BUNDLES = sorted(path.name for path in (REPOSITORY / "bundles").iterdir() if (path / "configs").is_dir())
+T1W_BUNDLES = ["watnet", "gan_unet_t1w7t"]  # datalist items: image (3T T1w), optional mask, label (7T T1w)
 LAYOUT = (
     "LICENSE",
     "docs/README.md",
@@ -63,3 +68,75 @@ def test_inference_with_the_shipped_weights_from_another_directory(bundle, tiny_
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "predictions" / "sub-4_3T_7t.nii.gz").is_file()
+
+
+def _write(path: Path, array: np.ndarray, affine: np.ndarray) -> str:
+    nib.save(nib.Nifti1Image(array, affine), path)
+    return str(path)
+
+
+def _bad_items(directory: Path, good: dict) -> dict[str, tuple[dict, str, str]]:
+    """Test items with one problem each: (item, a word the message must contain, the file it must name)."""
+    reference = nib.load(good["image"])
+    affine = reference.affine
+    ones = np.ones(reference.shape, np.float32)
+    nan, inf = ones.copy(), ones.copy()
+    nan[1, 1, 1] = np.nan
+    inf[2, 2, 2] = np.inf
+    shifted = affine.copy()
+    shifted[0, 3] += 5.0
+    garbage = directory / "garbage.nii.gz"
+    garbage.write_bytes(b"not an image at all")
+    mgh = directory / "volume.mgz"
+    nib.save(nib.MGHImage(ones, affine), mgh)
+    files = {
+        "missing file": str(directory / "absent.nii.gz"),
+        "unreadable": str(garbage),
+        "not NIfTI": str(mgh),
+        "shape": _write(directory / "small.nii.gz", ones[:-2], affine),
+        "affine": _write(directory / "shifted.nii.gz", ones, shifted),
+        "channels": _write(directory / "two.nii.gz", np.stack([ones, ones], -1), affine),
+        "NaN": _write(directory / "nan.nii.gz", nan, affine),
+        "inf": _write(directory / "inf.nii.gz", inf, affine),
+    }
+    problems = {
+        "missing file": "not found",
+        "unreadable": "not a readable NIfTI",
+        "not NIfTI": "not a NIfTI",
+        "shape": "shape",
+        "affine": "affine",
+        "channels": "single channel",
+        "NaN": "NaN",
+        "inf": "infinite",
+    }
+    on_mask = ("shape", "affine")  # grid problems are between two images of an item: put the bad one as its mask
+    return {
+        case: ({**good, "mask": path} if case in on_mask else {"image": path}, problems[case], path)
+        for case, path in files.items()
+    }
+
+
+BAD_CASES = ["missing file", "unreadable", "not NIfTI", "shape", "affine", "channels", "NaN", "inf", "empty"]
+
+
+@pytest.mark.parametrize("bundle", T1W_BUNDLES)
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_stops_inference_before_any_compute(bundle, case, tiny_dataset, tmp_path):
+    good = {"image": str(tiny_dataset / "sub-4_3T.nii.gz"), "mask": str(tiny_dataset / "sub-4_mask.nii.gz")}
+    datalist = tmp_path / "datalist.json"
+    cases = _bad_items(tmp_path, good) | {"empty": ({}, "no items", str(datalist))}
+    item, problem, named = cases[case]
+    datalist.write_text(json.dumps({"test": [good, item] if item else []}))
+    output = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        run_in_process(
+            "inferring",
+            config_file=str(REPOSITORY / "bundles" / bundle / "configs" / "inference.yaml"),
+            dataset_dir=str(tmp_path),
+            datalist=str(datalist),
+            output_dir=str(output),
+        )
+    message = str(stop.value)
+    assert message.startswith("error: ") and problem in message and named in message, message
+    assert stop.value.code == message  # Python prints it alone and exits with status 1
+    assert not output.exists(), "nothing may be written on bad input"

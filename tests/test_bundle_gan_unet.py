@@ -308,3 +308,18 @@ def test_missing_checkpoint_stops_inference(tiny_dataset, tmp_path):
     )  # fmt: skip
     assert result.returncode == 1 and "absent.pt: checkpoint not found" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_slices_along_another_axis_come_back_on_the_input_grid(trained_unet, tiny_dataset, tmp_path):
+    _checked(
+        run_bundle(
+            BUNDLE, "inferring", ["inference.yaml"], dataset_dir=str(tiny_dataset), output_dir=str(tmp_path),
+            ckpt_path=str(trained_unet / "model.pt"), num_workers=0, slice_axis=0, **TINY_NETWORK,
+        )
+    )  # fmt: skip
+    for subject in ("sub-4", "sub-5"):
+        source = nib.load(tiny_dataset / f"{subject}_3T.nii.gz")
+        output = nib.load(tmp_path / f"{subject}_3T_7t.nii.gz")
+        assert output.shape == source.shape
+        np.testing.assert_allclose(output.affine, source.affine)
+        assert np.all(output.get_fdata()[np.asarray(source.get_fdata()) == 0] == 0)
