@@ -84,9 +84,10 @@ def tissue_fractions(t1w: np.ndarray, mask: np.ndarray, seed: int = 0) -> np.nda
     """``(3, *spatial)`` fractions of CSF, grey and white matter (dark to bright in T1w), summing to 1 inside the
     mask and 0 outside: posterior probabilities of a 3-class Gaussian mixture of the brain intensities."""
     inside = mask > 0
-    mixture = RandGMMIntensity().set_random_state(seed).fit(np.asarray(t1w, float)[inside])
+    brain_values = np.asarray(t1w, float)[inside]
+    mixture = RandGMMIntensity().set_random_state(seed).fit(brain_values)
     fractions = np.zeros((len(TISSUES), *t1w.shape))
-    fractions[:, inside] = mixture.predict_proba(np.asarray(t1w, float)[inside][:, None]).T
+    fractions[:, inside] = mixture.predict_proba(brain_values[:, None]).T
     return fractions
 
 
@@ -94,9 +95,22 @@ def resample_fractions(
     fractions: np.ndarray, affine: np.ndarray, voxel_size_mm: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fractions on a grid of ``voxel_size_mm`` (trilinear, MONAI ``Spacing``), and that grid's affine."""
+    resampled, grid_affine = _resample(fractions, affine, voxel_size_mm)
+    return np.clip(resampled, 0.0, 1.0), grid_affine
+
+
+def _resample(
+    array: np.ndarray | torch.Tensor, affine: np.ndarray, voxel_size_mm: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """A channel-first ``array`` on an isotropic grid of ``voxel_size_mm`` (trilinear), and that grid's affine."""
     spacing = Spacing(pixdim=(voxel_size_mm,) * 3, mode="bilinear", padding_mode="zeros")
-    resampled = spacing(MetaTensor(torch.as_tensor(fractions, dtype=torch.float32), affine=torch.as_tensor(affine)))
-    return np.clip(resampled.numpy(), 0.0, 1.0), np.asarray(resampled.affine, dtype=float)
+    resampled = spacing(MetaTensor(torch.as_tensor(array, dtype=torch.float32), affine=torch.as_tensor(affine)))
+    return resampled.numpy(), np.asarray(resampled.affine, dtype=float)
+
+
+def _brain(fractions: np.ndarray) -> np.ndarray:
+    """The brain mask of tissue fractions: voxels that are more than half tissue."""
+    return fractions.sum(axis=0) > 0.5
 
 
 def simulate_dwi(fractions: np.ndarray, bvals: np.ndarray, snr: float, seed: int = 0) -> np.ndarray:
@@ -106,7 +120,7 @@ def simulate_dwi(fractions: np.ndarray, bvals: np.ndarray, snr: float, seed: int
     rng = np.random.default_rng(seed)
     weights = RELATIVE_S0[:, None] * np.exp(-np.outer(DIFFUSIVITY_MM2_S, bvals))  # (3, N)
     signal = np.tensordot(fractions, weights, axes=([0], [0]))  # (*spatial, N)
-    brain = fractions.sum(axis=0) > 0.5
+    brain = _brain(fractions)
     b0 = signal[..., bvals == 0].mean(axis=-1)
     scale = 1000.0 / b0[brain].mean()
     signal *= scale
@@ -149,27 +163,30 @@ def simulate_subject(
         "label": f"{subject}_7T_ADC.nii.gz",
         "mask": f"{subject}_7T_mask.nii.gz",
     }
-    for protocol, field in ((PROTOCOL_3T, "3T"), (PROTOCOL_7T, "7T")):
-        grid_fractions, grid_affine = resample_fractions(fractions, affine, protocol.voxel_size_mm)
-        bvals, bvecs = protocol.gradient_table(seed)
-        dwi = simulate_dwi(grid_fractions, bvals, protocol.snr, seed + (field == "7T"))
-        if field == "3T":
-            _save(np.round(dwi).astype(np.int16), grid_affine, output_dir / files["dwi"])
-            _write_fsl_table(output_dir / files["bval"], bvals)
-            _write_fsl_table(output_dir / files["bvec"], bvecs)
-        else:
-            brain = grid_fractions.sum(axis=0) > 0.5
-            adc = fit_adc(np.moveaxis(dwi, -1, 0), bvals, brain).numpy().astype(np.float32)
-            _save(adc, grid_affine, output_dir / files["label"])
-            _save(brain.astype(np.uint8), grid_affine, output_dir / files["mask"])
+    # 3T: the diffusion series the bundle computes its input ADC from
+    grid_fractions, grid_affine = resample_fractions(fractions, affine, PROTOCOL_3T.voxel_size_mm)
+    bvals, bvecs = PROTOCOL_3T.gradient_table(seed)
+    dwi = simulate_dwi(grid_fractions, bvals, PROTOCOL_3T.snr, seed)
+    _save(np.round(dwi).astype(np.int16), grid_affine, output_dir / files["dwi"])
+    _write_fsl_table(output_dir / files["bval"], bvals)
+    _write_fsl_table(output_dir / files["bvec"], bvecs)
+    # 7T: the target ADC map and its brain mask
+    grid_fractions, grid_affine = resample_fractions(fractions, affine, PROTOCOL_7T.voxel_size_mm)
+    bvals, _ = PROTOCOL_7T.gradient_table(seed)
+    dwi = simulate_dwi(grid_fractions, bvals, PROTOCOL_7T.snr, seed + 1)
+    brain = _brain(grid_fractions)
+    adc = fit_adc(np.moveaxis(dwi, -1, 0), bvals, brain).numpy().astype(np.float32)
+    _save(adc, grid_affine, output_dir / files["label"])
+    _save(brain.astype(np.uint8), grid_affine, output_dir / files["mask"])
+    # 3T T1w: the realistic recipe at 1.25 mm, on the 3T grid
     simulator = SimulateRealistic3T(
         target_voxel_size_mm=PROTOCOL_3T.voxel_size_mm, voxel_size=tuple(np.abs(np.diag(affine)[:3]))
     )
     simulator.set_random_state(seed)
-    t1w_3t = simulator(torch.as_tensor(scaled[None]), torch.as_tensor(mask[None]))
-    spacing = Spacing(pixdim=(PROTOCOL_3T.voxel_size_mm,) * 3, mode="bilinear", padding_mode="zeros")
-    t1w_3t = spacing(MetaTensor(torch.as_tensor(t1w_3t, dtype=torch.float32), affine=torch.as_tensor(affine)))
-    _save(t1w_3t[0].numpy().astype(np.float32), np.asarray(t1w_3t.affine, float), output_dir / files["t1w"])
+    t1w_3t, t1w_affine = _resample(
+        simulator(torch.as_tensor(scaled[None]), torch.as_tensor(mask[None])), affine, PROTOCOL_3T.voxel_size_mm
+    )
+    _save(t1w_3t[0].astype(np.float32), t1w_affine, output_dir / files["t1w"])
     return {**files, "subject": subject}
 
 

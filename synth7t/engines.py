@@ -75,6 +75,10 @@ class CriticStepsAdversarialTrainer(AdversarialTrainer):
         self.gradient_penalty_weight = gradient_penalty_weight
         self.state.latest_generator_losses = {}
 
+    def _critic(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """The critic's output for ``x`` through ``d_inferer``."""
+        return self.d_inferer(x, self.state.d_network)
+
     def _autocast(self) -> Any:
         return torch.autocast("cuda", **self.amp_kwargs) if self.amp else nullcontext()
 
@@ -92,12 +96,12 @@ class CriticStepsAdversarialTrainer(AdversarialTrainer):
         state.d_network.train()
         state.d_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
         with self._autocast():
-            real_scores = critic_scores(lambda x: self.d_inferer(x, state.d_network), targets)
-            fake_scores = critic_scores(lambda x: self.d_inferer(x, state.d_network), fakes)
+            real_scores = critic_scores(self._critic, targets)
+            fake_scores = critic_scores(self._critic, fakes)
             loss = state.d_loss_function(real_scores, fake_scores).mean()
         penalty = torch.zeros((), device=loss.device)
         if self.gradient_penalty_weight:
-            penalty = gradient_penalty(lambda x: self.d_inferer(x, state.d_network), targets.float(), fakes.float())
+            penalty = gradient_penalty(self._critic, targets.float(), fakes.float())
         self._step(loss + self.gradient_penalty_weight * penalty, state.d_optimizer, state.d_scaler)
         return {
             AdversarialKeys.REAL_LOGITS: real_scores.detach(),
@@ -113,7 +117,7 @@ class CriticStepsAdversarialTrainer(AdversarialTrainer):
         try:
             with self._autocast():
                 fakes = self.g_inferer(inputs, state.g_network, *args, **kwargs)
-                fake_scores = critic_scores(lambda x: self.d_inferer(x, state.d_network), fakes.float())
+                fake_scores = critic_scores(self._critic, fakes.float())
                 reconstruction = state.recon_loss_function(fakes, targets).mean()
                 adversarial = state.g_loss_function(fake_scores).mean()
             self._step(reconstruction + adversarial, state.g_optimizer, state.g_scaler)

@@ -318,9 +318,9 @@ def load_vit_checkpoint(model: VCT, path: str | os.PathLike) -> None:
             updates.append((encoder.norm.weight, checkpoint["Transformer/encoder_norm/scale"]))
             updates.append((encoder.norm.bias, checkpoint["Transformer/encoder_norm/bias"]))
         grid = _position_grid(checkpoint["Transformer/posembed_input/pos_embedding"], hidden)
+        embedding = np.transpose(checkpoint["embedding/kernel"], (3, 2, 0, 1))  # HWIO -> OIHW
         for block in blocks:
-            kernel = checkpoint["embedding/kernel"]  # HWIO
-            updates.append((block.patch_embedding.weight, np.transpose(kernel, (3, 2, 0, 1))))
+            updates.append((block.patch_embedding.weight, embedding))
             updates.append((block.patch_embedding.bias, checkpoint["embedding/bias"]))
             resized = F.interpolate(grid, size=block.position_embedding.shape[-2:], mode="bicubic", align_corners=False)
             updates.append((block.position_embedding, resized))
