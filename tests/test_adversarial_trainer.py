@@ -34,6 +34,8 @@ def _trainer(
     adversarial: nn.Module | None = None,
     context: bool = False,
     n_items: int = 12,
+    device: str = "cpu",
+    amp: bool = False,
 ) -> CriticStepsAdversarialTrainer:
     torch.manual_seed(0)
     adversarial = adversarial or WassersteinAdversarialLoss()
@@ -42,9 +44,10 @@ def _trainer(
     d_network = PatchDiscriminator(
         spatial_dims=2, channels=4, in_channels=1, num_layers_d=2, norm=("GROUP", {"num_groups": 1})
     )
+    g_network, d_network = g_network.to(device), d_network.to(device)
     extra = {"prepare_batch": PrepareBatchExtraInput(extra_keys={"context": "context"})} if context else {}
     return CriticStepsAdversarialTrainer(
-        device=torch.device("cpu"),
+        device=torch.device(device),
         max_epochs=max_epochs,
         train_data_loader=torch.utils.data.DataLoader(_data(n_items, context), batch_size=2),
         g_network=g_network,
@@ -57,6 +60,7 @@ def _trainer(
         critic_steps=critic_steps,
         gradient_penalty_weight=gp_weight,
         decollate=False,
+        amp=amp,
         **extra,
     )
 
@@ -150,3 +154,24 @@ def test_checkpoint_round_trip_restores_both_networks_and_optimizers(tmp_path):
 def test_critic_steps_must_be_positive():
     with pytest.raises(ValueError, match="critic_steps must be at least 1"):
         _trainer(critic_steps=0)
+
+
+
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))
+
+
+@pytest.mark.filterwarnings("ignore:.*CUDA is not available:UserWarning")
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_amp_runs_both_networks_through_their_gradient_scalers(device):
+    """amp=True gives each network its own GradScaler. On a CPU torch disables them, so this runs the scaler code
+    paths with the step schedule unchanged; on CUDA they are live (a step with overflowing float16 gradients may be
+    skipped) and the losses stay finite."""
+    trainer = _trainer(critic_steps=5, device=device, amp=True)
+    state = trainer.state
+    generator_steps, critic_steps = _count_steps(state.g_optimizer), _count_steps(state.d_optimizer)
+    trainer.run()
+    assert state.g_scaler.is_enabled() == state.d_scaler.is_enabled() == (device == "cuda")
+    if device == "cpu":
+        assert critic_steps[0] == 6 and generator_steps[0] == 2
+    losses = [v for v in state.output.values() if torch.is_tensor(v) and v.ndim == 0]
+    assert losses and all(torch.isfinite(v) for v in losses)
