@@ -3,7 +3,8 @@
     python scripts/fill_eval_metrics.py --bundle watnet --validation runs/eval_validation --test runs/eval_test
 
 Each folder is the output of the bundle's `evaluate.yaml` (`metrics_summary.json`); the means of the main columns
-are written as `val_<name>`, `val_identity_<name>`, `test_<name>`, ... with the number of subjects.
+are written as `val_<name>`, `val_identity_<name>`, `test_<name>`, ... with the number of subjects. `--columns`
+picks other columns of the summary (vct_adc7t adds "mse", the paper's first metric).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 COLUMNS = ("psnr", "ssim", "ssim3d", "mae", "psnr_brain", "ssim_brain")
 
 
-def main(bundle: str, validation: str | None = None, test: str | None = None) -> dict[str, float]:
+def main(
+    bundle: str, validation: str | None = None, test: str | None = None, columns: tuple[str, ...] = COLUMNS
+) -> dict[str, float]:
     metadata_path = REPOSITORY / "bundles" / bundle / "configs" / "metadata.json"
     metadata = json.loads(metadata_path.read_text())
     metrics: dict[str, float] = {}
@@ -25,7 +28,7 @@ def main(bundle: str, validation: str | None = None, test: str | None = None) ->
         if folder is None:
             continue
         summary = json.loads((Path(folder) / "metrics_summary.json").read_text())
-        for name in COLUMNS:
+        for name in columns:
             metrics[f"{prefix}_{name}"] = round(summary[name]["mean"], 4)
             metrics[f"{prefix}_identity_{name}"] = round(summary[f"identity_{name}"]["mean"], 4)
         metrics[f"{prefix}_subjects"] = summary["psnr"]["n"]

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from monai.bundle import ConfigWorkflow
 
-from synth7t import data, losses, transforms
+from synth7t import data, losses, networks, transforms
 from synth7t.errors import InputError
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "bundle_root",
     "encode_subject_context",
     "load_datalist",
+    "load_vit_checkpoint",
     "radimagenet_perceptual_loss",
     "require_file",
     "stop_on_bad_input",
@@ -99,6 +100,7 @@ def stop_on_bad_input(function: Callable[..., T]) -> Callable[..., T]:
 load_datalist = stop_on_bad_input(data.load_datalist)
 encode_subject_context = stop_on_bad_input(transforms.encode_subject_context)
 radimagenet_perceptual_loss = stop_on_bad_input(losses.radimagenet_perceptual_loss)
+load_vit_checkpoint = stop_on_bad_input(networks.load_vit_checkpoint)
 
 
 def require_file(path: str | os.PathLike, what: str) -> str:

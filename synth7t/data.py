@@ -118,7 +118,8 @@ def _check_item(
     keys = [alt for key in required for alt in (alternatives[key] if replaced(key) else [key])]
     missing = [key for key in keys if not item.get(key)]
     if missing:
-        raise InputError(f"{where}: missing {', '.join(repr(k) for k in missing)} (needs {', '.join(keys)}).")
+        needs = [f"{key} (or {' + '.join(alternatives[key])})" if key in alternatives else key for key in keys]
+        raise InputError(f"{where}: missing {', '.join(repr(k) for k in missing)} (needs {', '.join(needs)}).")
     item = dict(item)
     images: dict[str, tuple[Path, nib.spatialimages.SpatialImage]] = {}
     for key in [*keys, *(key for key in optional_keys if item.get(key))]:

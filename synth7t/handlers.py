@@ -77,6 +77,12 @@ class VolumeMetricsWriter:
 
     MONAI's ``MetricsSaver`` writes one file per metric and no baseline, hence this handler (BUNDLES.md
     "Outputs" fixes the layout).
+
+    Args:
+        output_dir: folder of ``metrics.csv`` and ``metrics_summary.json``.
+        pred_key, image_key, label_key, mask_key: the prediction, the identity baseline (the 3T input; VCT: the 3T
+            ADC map), the 7T target and the brain mask.
+        name_key: the image whose file name (extension dropped) names the row's subject; ``image_key`` by default.
     """
 
     def __init__(
@@ -86,9 +92,11 @@ class VolumeMetricsWriter:
         image_key: str = "image",
         label_key: str = "label",
         mask_key: str = "mask",
+        name_key: str | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.keys = (pred_key, image_key, label_key, mask_key)
+        self.name_key = name_key or image_key
         self.reorient = Orientation(axcodes="RAS")
         self.rows: list[dict[str, Any]] = []
 
@@ -106,7 +114,7 @@ class VolumeMetricsWriter:
         for batch_item, output_item in zip(engine.state.batch, engine.state.output):
             item = {**batch_item, **output_item}
             pred, image, label, mask = (self._as_ras(item[key]) for key in self.keys)
-            row: dict[str, Any] = {"subject": _subject_name(item[self.keys[1]])}
+            row: dict[str, Any] = {"subject": _subject_name(item[self.name_key])}
             for prefix, candidate in (("", pred), ("identity_", image)):
                 values = volume_metrics(candidate, label, mask)
                 row.update({f"{prefix}{name}": value for name, value in values.items()})
