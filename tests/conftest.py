@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from synth7t.transforms import SimulateRealistic3T
+from synth7t.diffusion_phantom import prepare_diffusion_pairs
+from synth7t.transforms import SimulateRealistic3T, fit_adc, read_fsl_bvals
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 LPS_LIKE = np.array([[-1.0, 0, 0, 20], [0, -1.0, 0, 18], [0, 0, 1.0, -6], [0, 0, 0, 1]])  # the TELL axes
@@ -58,6 +59,33 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ],
     }
     (directory / "datalist.json").write_text(json.dumps(datalist, indent=2))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_diffusion_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The VCT demo data of ``scripts/prepare_diffusion_data.py`` at toy size: five phantom subjects (two training,
+    one validation, two test), 3T T1w and diffusion series at 1.25 mm, 7T ADC targets at 1.05 mm (34 x 30 x 14
+    voxels, in-plane not a multiple of 16). The first test subject comes with its 3T ADC map precomputed (``adc``,
+    fitted as the bundle fits it) instead of its diffusion series."""
+    root = tmp_path_factory.mktemp("tiny_diffusion")
+    source = root / "t1w"
+    source.mkdir()
+    for index in range(1, 6):
+        nib.save(nib.Nifti1Image(brain_phantom((36, 32, 15), index), LPS_LIKE), source / f"sub-{index}_T1w.nii.gz")
+    directory = root / "data"
+    datalist_path = prepare_diffusion_pairs(source, directory, n_validation=1, n_test=2)
+    datalist = json.loads(datalist_path.read_text())
+    item = datalist["test"][0]
+    dwi = nib.load(directory / item["dwi"])
+    adc = fit_adc(
+        np.moveaxis(np.asarray(dwi.dataobj, dtype=np.float32), -1, 0), read_fsl_bvals(directory / item["bval"])
+    )
+    item["adc"] = item["dwi"].replace("_dwi", "_ADC")
+    nib.save(nib.Nifti1Image(adc.numpy(), dwi.affine), directory / item["adc"])
+    for key in ("dwi", "bval", "bvec"):
+        del item[key]
+    datalist_path.write_text(json.dumps(datalist, indent=2))
     return directory
 
 
@@ -113,7 +141,9 @@ def bundle_command(bundle: str, run_id: str, configs: list[str], **overrides) ->
     return command
 
 
-def run_bundle(bundle: str, run_id: str, configs: list[str], cwd: Path | None = None, **overrides) -> subprocess.CompletedProcess:
+def run_bundle(
+    bundle: str, run_id: str, configs: list[str], cwd: Path | None = None, **overrides
+) -> subprocess.CompletedProcess:
     """Run a bundle workflow as a user would, from ``cwd`` (default: a directory outside the repository)."""
     environment = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run(

@@ -59,15 +59,22 @@ def test_shipped_weights_load_into_the_default_network(bundle):
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
-def test_inference_with_the_shipped_weights_from_another_directory(bundle, tiny_dataset, tmp_path):
+def test_inference_with_the_shipped_weights_from_another_directory(bundle, request, tmp_path):
+    if bundle in T1W_BUNDLES:
+        dataset = request.getfixturevalue("tiny_dataset")
+        item, written = {"image": "sub-4_3T.nii.gz"}, "sub-4_3T_7t.nii.gz"
+    else:  # vct_adc7t: 3T T1w + 3T diffusion series
+        dataset = request.getfixturevalue("tiny_diffusion_dataset")
+        item = json.loads((dataset / "datalist.json").read_text())["test"][1]
+        item, written = {key: item[key] for key in ("t1w", "dwi", "bval", "bvec")}, "sub-5_3T_T1w_7t.nii.gz"
     datalist = tmp_path / "datalist.json"
-    datalist.write_text(json.dumps({"test": [{"image": "sub-4_3T.nii.gz"}]}))
+    datalist.write_text(json.dumps({"test": [item]}))
     result = run_bundle(
-        bundle, "run", ["inference.yaml"], cwd=tmp_path, dataset_dir=str(tiny_dataset),
+        bundle, "run", ["inference.yaml"], cwd=tmp_path, dataset_dir=str(dataset),
         datalist=str(datalist), output_dir="predictions", num_workers=0,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "predictions" / "sub-4_3T_7t.nii.gz").is_file()
+    assert (tmp_path / "predictions" / written).is_file()
 
 
 def _write(path: Path, array: np.ndarray, affine: np.ndarray) -> str:
