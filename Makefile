@@ -21,16 +21,35 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 # TorchScript (metadata.json and inference.yaml embedded, as MONAI Deploy loads them) and ONNX exports of each
-# bundle's default network, traced on a typical input shape with batch and spatial sizes left dynamic.
+# bundle's default network from its models/model.pt, traced on EXPORT_SHAPE_<bundle> with batch, height and width
+# left dynamic; rerun after replacing a model.pt. vct_adc7t is traced at 192 x 224, not at its 176 x 208 slices: its
+# position embeddings, stored for the 11 x 13 token grid of 176 x 208, are resized only when the grid differs, so a
+# trace at 176 x 208 would leave the resize out and fail at any other size; traced at 192 x 224, the bicubic resize
+# follows the input size and is exactly the identity at 176 x 208.
+EXPORT_SHAPE_watnet := [1, 3, 64, 64]
+EXPORT_SHAPE_gan_unet_t1w7t := [1, 3, 192, 224]
+EXPORT_SHAPE_vct_adc7t := [1, 2, 192, 224]
 ONNX_DYNAMIC := "{'dynamo': False, 'input_names': ['image'], 'output_names': ['pred'], \
 	'dynamic_axes': {'image': {0: 'batch', 2: 'height', 3: 'width'}, 'pred': {0: 'batch', 2: 'height', 3: 'width'}}}"
+# $(call export_bundle,<bundle>): the commands that write bundles/<bundle>/models/model.ts and model.onnx
+define export_bundle
+	$(BIN)/python -m monai.bundle ckpt_export network_def --config_file bundles/$(1)/configs/inference.yaml \
+		--meta_file bundles/$(1)/configs/metadata.json --ckpt_file bundles/$(1)/models/model.pt \
+		--filepath bundles/$(1)/models/model.ts --use_trace True --input_shape "$(EXPORT_SHAPE_$(1))"
+	$(BIN)/python -m monai.bundle onnx_export network_def --config_file bundles/$(1)/configs/inference.yaml \
+		--ckpt_file bundles/$(1)/models/model.pt --filepath bundles/$(1)/models/model.onnx \
+		--use_trace True --input_shape "$(EXPORT_SHAPE_$(1))" --converter_kwargs $(ONNX_DYNAMIC)
+endef
 export: $(STAMP)
-	$(BIN)/python -m monai.bundle ckpt_export network_def --config_file bundles/watnet/configs/inference.yaml \
-		--meta_file bundles/watnet/configs/metadata.json --ckpt_file bundles/watnet/models/model.pt \
-		--filepath bundles/watnet/models/model.ts --use_trace True --input_shape "[1, 3, 64, 64]"
-	$(BIN)/python -m monai.bundle onnx_export network_def --config_file bundles/watnet/configs/inference.yaml \
-		--ckpt_file bundles/watnet/models/model.pt --filepath bundles/watnet/models/model.onnx \
-		--use_trace True --input_shape "[1, 3, 64, 64]" --converter_kwargs $(ONNX_DYNAMIC)
+	$(call export_bundle,watnet)
+	$(call export_bundle,gan_unet_t1w7t)
+	$(call export_bundle,vct_adc7t)
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache
+
+# MONAI Bundle archives dist/<bundle>_v<version>.zip with synth7t vendored (scripts/build_release.py, README "Deploy");
+# options through RELEASE_ARGS, e.g. RELEASE_ARGS="--bundles watnet --fetch models/model.onnx --base_url <url>".
+.PHONY: release
+release: $(STAMP)
+	$(BIN)/python scripts/build_release.py $(RELEASE_ARGS)

@@ -1,80 +1,148 @@
-"""TorchScript and ONNX exports of the shipped networks (`make export`), and the ONNX Runtime inference backend."""
+"""TorchScript and ONNX exports of every bundle's shipped network (`make export`), and the ONNX Runtime backend.
+
+The exported files are required, not skipped when absent: a bundle whose models/model.ts or model.onnx is missing
+or stale fails here until `make export` has been rerun on its final models/model.pt.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.bundle import ConfigParser
+from monai.data import load_net_with_metadata
+from torch import nn
 
 from synth7t.engines import OnnxRuntimeNetwork
-from synth7t.networks import WATNet
 
 from conftest import REPOSITORY, run_bundle
 
-WATNET = REPOSITORY / "bundles" / "watnet"
-# slabs of the 182 x 218 TELL slices padded to 184 x 224, as WATNet's inference sees them, and another shape
-SHAPES = [(2, 3, 184, 224), (1, 3, 64, 96)]
+
+@dataclass(frozen=True)
+class ExportCase:
+    """What a bundle's exports are checked on.
+
+    Attributes:
+        shapes: network inputs: the slices the bundle's inference feeds the network, then another valid shape.
+        low: inputs are drawn uniformly from ``[low, 1]``, the range the network works in.
+        dataset: the conftest fixture of a tiny dataset the bundle's inference reads.
+    """
+
+    shapes: tuple[tuple[int, ...], ...]
+    low: float
+    dataset: str
 
 
-@pytest.fixture(scope="module")
-def watnet() -> WATNet:
-    network = WATNet()
-    network.load_state_dict(torch.load(WATNET / "models" / "model.pt", weights_only=True))
+EXPORTS = {
+    # slabs of the 182 x 218 TELL slices padded to 184 x 224 (WATNet) or 192 x 224 (multiples of 16, the U-Net)
+    "watnet": ExportCase(shapes=((2, 3, 184, 224), (1, 3, 64, 96)), low=0.0, dataset="tiny_dataset"),
+    "gan_unet_t1w7t": ExportCase(shapes=((2, 3, 192, 224), (1, 3, 64, 96)), low=0.0, dataset="tiny_dataset"),
+    # [T1w, ADC] slices in [-1, 1] at the 176 x 208 the position embeddings are stored for, and a size whose token
+    # grid differs: an export traced without the embeddings' bicubic resize fails on it
+    "vct_adc7t": ExportCase(shapes=((2, 2, 176, 208), (3, 2, 64, 96)), low=-1.0, dataset="tiny_diffusion_dataset"),
+}
+SHAPES = [
+    pytest.param(bundle, shape, id=f"{bundle}-{'x'.join(map(str, shape))}")
+    for bundle, case in EXPORTS.items()
+    for shape in case.shapes
+]
+BACKENDS = {"pytorch": ["inference.yaml"], "onnx": ["inference.yaml", "inference_onnx.yaml"]}
+
+
+def shipped(bundle: str, name: str) -> Path:
+    """``bundles/<bundle>/models/<name>``, failing with what to do when it is missing."""
+    path = REPOSITORY / "bundles" / bundle / "models" / name
+    assert path.is_file(), f"{path} is missing: run `make export` once the bundle's models/model.pt is final"
+    return path
+
+
+@functools.cache
+def checkpoint_network(bundle: str) -> nn.Module:
+    """The bundle's default ``network_def`` (configs/inference.yaml) with models/model.pt loaded, in eval mode."""
+    parser = ConfigParser()
+    parser.read_config(str(REPOSITORY / "bundles" / bundle / "configs" / "inference.yaml"))
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(shipped(bundle, "model.pt"), weights_only=True))
     return network.eval()
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_torchscript_export_matches_the_checkpoint(watnet, shape):
-    exported = torch.jit.load(str(WATNET / "models" / "model.ts"))
-    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+def assert_matches_checkpoint(bundle: str, exported: nn.Module, shape: tuple[int, ...]) -> None:
+    """``exported`` and the checkpoint give outputs within 1e-4 on a random input of ``shape``."""
+    low = EXPORTS[bundle].low
+    x = low + (1 - low) * torch.rand(shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert (exported(x) - watnet(x)).abs().max().item() <= 1e-4
+        expected = checkpoint_network(bundle)(x)
+        difference = (exported(x) - expected).abs().max().item()
+    assert difference <= 1e-4, f"{bundle} export differs from the checkpoint by {difference:.2e} on {shape}"
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_onnx_export_matches_the_checkpoint(watnet, shape):
-    exported = OnnxRuntimeNetwork(str(WATNET / "models" / "model.onnx"))
+@pytest.mark.parametrize(("bundle", "shape"), SHAPES)
+def test_torchscript_export_matches_the_checkpoint(bundle, shape):
+    assert_matches_checkpoint(bundle, torch.jit.load(str(shipped(bundle, "model.ts"))), shape)
+
+
+@pytest.mark.parametrize(("bundle", "shape"), SHAPES)
+def test_onnx_export_matches_the_checkpoint(bundle, shape):
+    exported = OnnxRuntimeNetwork(str(shipped(bundle, "model.onnx")))
     assert exported.providers == ["CPUExecutionProvider"]
-    x = torch.rand(shape, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert (exported(x) - watnet(x)).abs().max().item() <= 1e-4
+    assert_matches_checkpoint(bundle, exported, shape)
 
 
-def test_torchscript_carries_the_metadata_and_inference_config():
-    extra = {"metadata.json": "", "inference.json": ""}
-    torch.jit.load(str(WATNET / "models" / "model.ts"), _extra_files=extra)
-    metadata = json.loads(extra["metadata.json"])
-    assert metadata["version"] == json.loads((WATNET / "configs" / "metadata.json").read_text())["version"]
-    assert json.loads(extra["inference.json"])["network_def"]["_target_"] == "synth7t.networks.WATNet"
+@pytest.mark.parametrize("bundle", EXPORTS)
+def test_torchscript_loads_as_monai_deploy_reads_it(bundle):
+    """MONAI Deploy's bundle operator loads model.ts with ``extra/metadata.json`` and ``extra/inference.json``."""
+    path, configs = shipped(bundle, "model.ts"), REPOSITORY / "bundles" / bundle / "configs"
+    with zipfile.ZipFile(path) as archive:
+        extra = {name.split("/extra/", 1)[1] for name in archive.namelist() if "/extra/" in name}
+    assert {"metadata.json", "inference.json"} <= extra
+    network, metadata, extra_files = load_net_with_metadata(str(path), more_extra_files=("inference.json",))
+    assert isinstance(network, torch.jit.ScriptModule)
+    assert metadata["version"] == json.loads((configs / "metadata.json").read_text())["version"]
+    inference = json.loads(extra_files["inference.json"])
+    assert inference["network_def"] == ConfigParser.load_config_file(str(configs / "inference.yaml"))["network_def"]
 
 
-def test_onnx_backend_infers_the_same_volumes_as_pytorch(tiny_dataset, tmp_path):
-    configs = {"pytorch": ["inference.yaml"], "onnx": ["inference.yaml", "inference_onnx.yaml"]}
-    for name, files in configs.items():
+@pytest.mark.parametrize("bundle", EXPORTS)
+def test_onnx_backend_infers_the_same_volumes_as_pytorch(bundle, request, tmp_path):
+    dataset = request.getfixturevalue(EXPORTS[bundle].dataset)
+    for required in ("model.pt", "model.onnx"):
+        shipped(bundle, required)
+    for name, files in BACKENDS.items():
         result = run_bundle(
-            "watnet", "inferring", files, dataset_dir=str(tiny_dataset), output_dir=str(tmp_path / name), num_workers=0
+            bundle, "inferring", files, dataset_dir=str(dataset), output_dir=str(tmp_path / name), num_workers=0
         )
         assert result.returncode == 0, result.stderr[-3000:]
-    for subject in ("sub-4", "sub-5"):
-        volumes = [nib.load(tmp_path / name / f"{subject}_3T_7t.nii.gz") for name in configs]
+    written = sorted(path.name for path in (tmp_path / "pytorch").glob("*.nii.gz"))
+    assert written == sorted(path.name for path in (tmp_path / "onnx").glob("*.nii.gz"))
+    assert len(written) == len(json.loads((dataset / "datalist.json").read_text())["test"])
+    for name in written:
+        volumes = [nib.load(tmp_path / backend / name) for backend in BACKENDS]
         np.testing.assert_allclose(volumes[0].affine, volumes[1].affine)
         assert np.abs(volumes[0].get_fdata() - volumes[1].get_fdata()).max() <= 1e-4
 
 
-def test_onnx_backend_without_the_exported_file_stops_before_compute(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("bundle", EXPORTS)
+def test_onnx_backend_without_the_exported_file_stops_before_compute(bundle, request, tmp_path):
     result = run_bundle(
-        "watnet", "inferring", ["inference.yaml", "inference_onnx.yaml"], dataset_dir=str(tiny_dataset),
+        bundle, "inferring", BACKENDS["onnx"], dataset_dir=str(request.getfixturevalue(EXPORTS[bundle].dataset)),
         output_dir=str(tmp_path / "out"), onnx_path=str(tmp_path / "absent.onnx"), num_workers=0,
     )  # fmt: skip
     assert result.returncode == 1 and "absent.onnx: ONNX model not found" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_make_export_rebuilds_both_files():
+def test_make_export_rebuilds_every_bundle():
     dry_run = subprocess.run(["make", "-n", "export"], cwd=REPOSITORY, capture_output=True, text=True, check=True)
-    assert "ckpt_export network_def" in dry_run.stdout and "bundles/watnet/models/model.ts" in dry_run.stdout
-    assert "onnx_export network_def" in dry_run.stdout and "bundles/watnet/models/model.onnx" in dry_run.stdout
+    commands = dry_run.stdout.splitlines()
+    for bundle in EXPORTS:
+        for command, file in (("ckpt_export", "model.ts"), ("onnx_export", "model.onnx")):
+            target = f"bundles/{bundle}/models/{file}"
+            assert any(f"{command} network_def" in line and target in line for line in commands), target
