@@ -136,7 +136,9 @@ def test_checkpoint_round_trip_restores_both_networks_and_optimizers(tmp_path):
     from monai.handlers import CheckpointLoader, CheckpointSaver
 
     trainer = _trainer(max_epochs=1)
-    CheckpointSaver(str(tmp_path), _checkpoint_items(trainer), save_final=True, final_filename="final.pt").attach(trainer)
+    CheckpointSaver(str(tmp_path), _checkpoint_items(trainer), save_final=True, final_filename="final.pt").attach(
+        trainer
+    )
     trainer.run()
 
     resumed = _trainer(max_epochs=2)
@@ -154,7 +156,6 @@ def test_checkpoint_round_trip_restores_both_networks_and_optimizers(tmp_path):
 def test_critic_steps_must_be_positive():
     with pytest.raises(ValueError, match="critic_steps must be at least 1"):
         _trainer(critic_steps=0)
-
 
 
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))
