@@ -66,7 +66,7 @@ def _load_ras(path: Path) -> np.ndarray:
     return np.asarray(nib.as_closest_canonical(nib.load(path)).get_fdata(), dtype=np.float32)
 
 
-def _print_metrics(bundle: str, metrics: dict[str, dict[str, float]]) -> None:
+def _print_metrics(metrics: dict[str, dict[str, float]]) -> None:
     print(f"{'against the real 7T':<22}{'PSNR':>8}{'SSIM':>8}{'PSNR brain':>12}{'SSIM brain':>12}")
     for name, values in metrics.items():
         print(
@@ -109,7 +109,7 @@ def run_demo(demo: Demo, output_root: Path) -> dict[str, dict[str, float]]:
         image, prediction, target, mask, output_dir / f"{input_name}_7t.png", title=f"{demo.bundle}: {input_name}"
     )
     print(f"\n{demo.bundle}: synthetic 7T {prediction_path}\n{demo.bundle}: figure       {figure}")
-    _print_metrics(demo.bundle, metrics)
+    _print_metrics(metrics)
     return metrics
 
 
@@ -156,7 +156,7 @@ def run_vct_demo(output_root: Path) -> dict[str, dict[str, float]]:
         "synthetic 7T ADC": {k: v for k, v in row.items() if not k.startswith("identity_")},
     }
     print(f"\n{bundle}: synthetic 7T ADC {prediction_path}\n{bundle}: figure           {figure}")
-    _print_metrics(bundle, metrics)
+    _print_metrics(metrics)
     return metrics
 
 

@@ -141,6 +141,12 @@ def bundle_command(bundle: str, run_id: str, configs: list[str], **overrides) ->
     return command
 
 
+def checked(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """``result`` of a successful run; otherwise fail with its command line and the ends of its output."""
+    assert result.returncode == 0, f"{' '.join(result.args)}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
 def run_bundle(
     bundle: str, run_id: str, configs: list[str], cwd: Path | None = None, **overrides
 ) -> subprocess.CompletedProcess:

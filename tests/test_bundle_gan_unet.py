@@ -18,7 +18,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 
 from synth7t.networks import AttentionResUNet
 
-from conftest import REPOSITORY, bundle_command, run_bundle, tiny_hub_cache
+from conftest import REPOSITORY, bundle_command, checked, run_bundle, tiny_hub_cache
 
 BUNDLE = "gan_unet_t1w7t"
 CONFIGS = REPOSITORY / "bundles" / BUNDLE / "configs"
@@ -26,11 +26,6 @@ TINY_NETWORK = {"channels": 8, "channel_mult": [1, 2], "norm_num_groups": 4, "nu
 TINY_TRAINING = {"max_epochs": 1, "slabs_per_volume": 4, "batch_size": 4, "val_interval": 1, "num_workers": 0}
 TINY_CRITIC = {"critic_channels": 4, "critic_layers": 2}
 GAN = ["train.yaml", "train_gan.yaml"]
-
-
-def _checked(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"{' '.join(result.args)}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +37,7 @@ def perceptual_hub(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trained_unet(tiny_dataset: Path, perceptual_hub: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One epoch of the U-Net recipe (L1 + perceptual through the real hub loader) on the tiny dataset."""
     output = tmp_path_factory.mktemp("unet")
-    _checked(
+    checked(
         run_bundle(
             BUNDLE, "training", ["train.yaml"], dataset_dir=str(tiny_dataset), output_dir=str(output),
             perceptual_cache_dir=str(perceptual_hub), **TINY_TRAINING, **TINY_NETWORK,
@@ -55,7 +50,7 @@ def trained_unet(tiny_dataset: Path, perceptual_hub: Path, tmp_path_factory: pyt
 def trained_gan(tiny_dataset: Path, trained_unet: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One epoch of WGAN-GP, the generator warm-started from the U-Net."""
     output = tmp_path_factory.mktemp("gan")
-    _checked(
+    checked(
         run_bundle(
             BUNDLE, "training", GAN, dataset_dir=str(tiny_dataset), output_dir=str(output), perceptual_weight=0,
             warm_start_from=str(trained_unet / "model.pt"), **TINY_TRAINING, **TINY_NETWORK, **TINY_CRITIC,
@@ -108,7 +103,7 @@ def test_gan_checkpoint_holds_both_networks_and_optimizers(trained_gan):
 
 
 def test_gan_run_resumes_from_its_checkpoint(trained_gan, tiny_dataset, tmp_path):
-    result = _checked(
+    result = checked(
         run_bundle(
             BUNDLE, "training", GAN, dataset_dir=str(tiny_dataset), output_dir=str(tmp_path), perceptual_weight=0,
             resume_from=str(trained_gan / "checkpoint_final.pt"), **{**TINY_TRAINING, "max_epochs": 2},
@@ -124,7 +119,7 @@ def test_gan_run_resumes_from_its_checkpoint(trained_gan, tiny_dataset, tmp_path
 
 
 def test_vanilla_bce_gan_with_gradient_difference_loss_trains(tiny_dataset, tmp_path):
-    _checked(
+    checked(
         run_bundle(
             BUNDLE, "training", GAN, dataset_dir=str(tiny_dataset), output_dir=str(tmp_path), perceptual_weight=0,
             adversarial_criterion="bce", critic_steps=1, gradient_penalty_weight=0, gradient_difference_weight=1.0,
@@ -150,7 +145,7 @@ def _count(module: torch.nn.Module) -> int:
 def test_amp_option_trains_through_the_gradient_scalers(configs, tiny_dataset, tmp_path):
     """``--amp True`` as a user passes it. Without a GPU torch disables the scalers and CUDA autocast, so this covers
     the configs' wiring and the engines' scaler code paths; the CUDA case is in test_adversarial_trainer.py."""
-    _checked(
+    checked(
         run_bundle(
             BUNDLE, "training", configs, dataset_dir=str(tiny_dataset), output_dir=str(tmp_path), perceptual_weight=0,
             amp=True, **TINY_TRAINING, **TINY_NETWORK, **TINY_CRITIC,
@@ -212,7 +207,7 @@ def test_default_is_the_compact_unconditioned_generator():
 
 
 def test_evaluation_writes_per_subject_metrics_with_identity_baseline(trained_unet, tiny_dataset, tmp_path):
-    _checked(
+    checked(
         run_bundle(
             BUNDLE, "evaluating", ["evaluate.yaml"], dataset_dir=str(tiny_dataset), output_dir=str(tmp_path),
             ckpt_path=str(trained_unet / "model.pt"), num_workers=0, **TINY_NETWORK,
@@ -228,7 +223,7 @@ def test_evaluation_writes_per_subject_metrics_with_identity_baseline(trained_un
 
 
 def test_inference_writes_one_volume_per_input_on_its_grid(trained_unet, tiny_dataset, tmp_path):
-    _checked(
+    checked(
         run_bundle(
             BUNDLE, "inferring", ["inference.yaml"], dataset_dir=str(tiny_dataset), output_dir=str(tmp_path),
             ckpt_path=str(trained_unet / "model.pt"), num_workers=0, **TINY_NETWORK,
@@ -246,13 +241,13 @@ def test_inference_writes_one_volume_per_input_on_its_grid(trained_unet, tiny_da
 
 def test_slice_position_conditioning_trains_and_infers(tiny_dataset, tmp_path):
     conditioned = {**TINY_NETWORK, "condition_on_slice_position": True, "cross_attention_stages": [2, 3]}
-    _checked(
+    checked(
         run_bundle(
             BUNDLE, "training", ["train.yaml"], dataset_dir=str(tiny_dataset), output_dir=str(tmp_path / "train"),
             perceptual_weight=0, **TINY_TRAINING, **conditioned,
         )
     )  # fmt: skip
-    _checked(
+    checked(
         run_bundle(
             BUNDLE, "inferring", ["inference.yaml"], dataset_dir=str(tiny_dataset), output_dir=str(tmp_path / "out"),
             ckpt_path=str(tmp_path / "train" / "model.pt"), num_workers=0, **conditioned,
@@ -267,7 +262,7 @@ def test_subject_conditioning_reads_the_datalist_fields(tiny_dataset, tmp_path):
         item.update(age=60 + index, sex="F" if index % 2 else "M", diagnosis="CN")
     (tmp_path / "datalist.json").write_text(json.dumps(datalist))
     conditioned = {**TINY_NETWORK, "context_fields": ["age", "sex", "diagnosis"], "cross_attention_stages": [3]}
-    _checked(
+    checked(
         run_bundle(
             BUNDLE, "training", ["train.yaml"], dataset_dir=str(tiny_dataset), datalist=str(tmp_path / "datalist.json"),
             output_dir=str(tmp_path / "train"), perceptual_weight=0, **TINY_TRAINING, **conditioned,
@@ -285,7 +280,7 @@ def test_torchrun_trains_on_two_cpu_processes(configs, tiny_dataset, tmp_path):
     )  # fmt: skip
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531"]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    _checked(subprocess.run(torchrun + command[1:], capture_output=True, text=True, timeout=900, env=environment))
+    checked(subprocess.run(torchrun + command[1:], capture_output=True, text=True, timeout=900, env=environment))
     checkpoint = torch.load(tmp_path / "checkpoint_final.pt", weights_only=True)
     assert {"model", "critic"} <= set(checkpoint) if configs == GAN else "critic" not in checkpoint
     assert not any(key.startswith("module.") for key in checkpoint["model"])
@@ -326,7 +321,7 @@ def test_missing_checkpoint_stops_inference(tiny_dataset, tmp_path):
 
 
 def test_slices_along_another_axis_come_back_on_the_input_grid(trained_unet, tiny_dataset, tmp_path):
-    _checked(
+    checked(
         run_bundle(
             BUNDLE, "inferring", ["inference.yaml"], dataset_dir=str(tiny_dataset), output_dir=str(tmp_path),
             ckpt_path=str(trained_unet / "model.pt"), num_workers=0, slice_axis=0, **TINY_NETWORK,

@@ -22,17 +22,12 @@ from monai.transforms import Compose
 
 from synth7t.networks import VCT
 
-from conftest import REPOSITORY, bundle_command, run_bundle
+from conftest import REPOSITORY, bundle_command, checked, run_bundle
 
 BUNDLE = "vct_adc7t"
 CONFIGS = REPOSITORY / "bundles" / BUNDLE / "configs"
 TINY_NETWORK = {"channels": 4, "hidden_size": 16, "num_layers": 1, "num_heads": 2, "mlp_dim": 32}
 TINY_TRAINING = {"max_epochs": 1, "slices_per_volume": 4, "batch_size": 4, "val_interval": 1, "num_workers": 0}
-
-
-def _checked(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"{' '.join(result.args)}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return result
 
 
 def _parser(config: str, dataset: Path, *overlays: str, **overrides) -> ConfigParser:
@@ -45,7 +40,7 @@ def _parser(config: str, dataset: Path, *overlays: str, **overrides) -> ConfigPa
 @pytest.fixture(scope="module")
 def trained(tiny_diffusion_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("vct")
-    _checked(
+    checked(
         run_bundle(
             BUNDLE, "training", ["train.yaml"], dataset_dir=str(tiny_diffusion_dataset), output_dir=str(output),
             **{**TINY_TRAINING, "max_epochs": 2}, **TINY_NETWORK,
@@ -118,7 +113,7 @@ def test_early_stopping_watches_the_validation_loss(tiny_diffusion_dataset, tmp_
 
 
 def test_evaluation_scores_the_model_and_the_3t_adc_baseline(trained, tiny_diffusion_dataset, tmp_path):
-    _checked(
+    checked(
         run_bundle(
             BUNDLE, "evaluating", ["evaluate.yaml"], dataset_dir=str(tiny_diffusion_dataset), output_dir=str(tmp_path),
             ckpt_path=str(trained / "model.pt"), num_workers=0, **TINY_NETWORK,
@@ -135,7 +130,7 @@ def test_evaluation_scores_the_model_and_the_3t_adc_baseline(trained, tiny_diffu
 
 
 def test_inference_from_adc_and_from_dwi_writes_7t_grid_volumes(trained, tiny_diffusion_dataset, tmp_path):
-    _checked(
+    checked(
         run_bundle(
             BUNDLE, "inferring", ["inference.yaml"], dataset_dir=str(tiny_diffusion_dataset), output_dir="out",
             ckpt_path=str(trained / "model.pt"), num_workers=0, cwd=tmp_path, **TINY_NETWORK,
@@ -154,7 +149,7 @@ def test_inference_from_adc_and_from_dwi_writes_7t_grid_volumes(trained, tiny_di
 
 @pytest.mark.parametrize("overlay, channels", [("t1w_only.yaml", 1), ("adc_only.yaml", 1)])
 def test_ablation_overlays_train_on_one_input(overlay, channels, tiny_diffusion_dataset, tmp_path):
-    _checked(
+    checked(
         run_bundle(
             BUNDLE, "training", ["train.yaml", overlay], dataset_dir=str(tiny_diffusion_dataset),
             output_dir=str(tmp_path), **TINY_TRAINING, **TINY_NETWORK,
@@ -191,7 +186,7 @@ def test_torchrun_trains_on_two_cpu_processes(tiny_diffusion_dataset, tmp_path):
     )  # fmt: skip
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541"]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    _checked(subprocess.run(torchrun + command[1:], capture_output=True, text=True, timeout=900, env=environment))
+    checked(subprocess.run(torchrun + command[1:], capture_output=True, text=True, timeout=900, env=environment))
     checkpoint = torch.load(tmp_path / "checkpoint_final.pt", weights_only=True)
     VCT(**TINY_NETWORK).load_state_dict(checkpoint["model"])  # no "module." prefix
 

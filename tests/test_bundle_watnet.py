@@ -20,22 +20,17 @@ from synth7t.metrics import METRIC_NAMES, volume_metrics
 from synth7t.networks import BasicCNN, WATNet
 from synth7t.transforms import PercentileScaleIntensity
 
-from conftest import PERMUTED, REPOSITORY, TINY_TRAINING, bundle_command, run_bundle, write_pair
+from conftest import PERMUTED, REPOSITORY, TINY_TRAINING, bundle_command, checked, run_bundle, write_pair
 
 BUNDLE = REPOSITORY / "bundles" / "watnet"
 CONFIGS = BUNDLE / "configs"
-
-
-def _checked(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"{' '.join(result.args)}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return result
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One epoch of the default recipe on the tiny dataset, run from outside the repository."""
     output = tmp_path_factory.mktemp("train")
-    _checked(run_bundle("watnet", "training", ["train.yaml"], dataset_dir=str(tiny_dataset), output_dir=str(output), **TINY_TRAINING))
+    checked(run_bundle("watnet", "training", ["train.yaml"], dataset_dir=str(tiny_dataset), output_dir=str(output), **TINY_TRAINING))
     return output
 
 
@@ -99,7 +94,7 @@ def test_training_writes_loadable_checkpoints_and_logs(trained):
 
 
 def test_training_resumes_from_a_checkpoint(trained, tiny_dataset, tmp_path):
-    result = _checked(
+    result = checked(
         run_bundle(
             "watnet", "training", ["train.yaml"], dataset_dir=str(tiny_dataset), output_dir=str(tmp_path),
             resume_from=str(trained / "checkpoint_final.pt"), **{**TINY_TRAINING, "max_epochs": 2},
@@ -119,7 +114,7 @@ def _normalised_ras(path: Path, mask: np.ndarray) -> np.ndarray:
 
 
 def test_evaluation_writes_per_subject_metrics_with_identity_baseline(trained, tiny_dataset, tmp_path):
-    _checked(
+    checked(
         run_bundle(
             "watnet", "evaluating", ["evaluate.yaml"], dataset_dir=str(tiny_dataset), output_dir=str(tmp_path),
             ckpt_path=str(trained / "model.pt"), num_workers=0,
@@ -158,7 +153,7 @@ def test_inference_writes_one_volume_per_input_on_its_grid(trained, tiny_dataset
     items.append({"image": "sub-5-ras_3T.nii.gz", "mask": "sub-5-ras_mask.nii.gz"})
     datalist.write_text(json.dumps({"test": items}))
     output = tmp_path / "out"
-    _checked(
+    checked(
         run_bundle(
             "watnet", "inferring", ["inference.yaml"], dataset_dir=str(reordered), datalist=str(datalist),
             output_dir=str(output), ckpt_path=str(trained / "model.pt"), num_workers=0,
@@ -194,7 +189,7 @@ def test_seed_protocol_and_basic_cnn_train(tiny_dataset, tmp_path):
     slices = {"patch_transforms#0#roi_start": [0, 0, 2], "patch_transforms#0#roi_end": [100000, 100000, 10]}
     for overlays, network_class in ((["seed.yaml"], WATNet), (["seed.yaml", "basic_cnn.yaml"], BasicCNN)):
         output = tmp_path / "_".join(name.removesuffix(".yaml") for name in overlays)
-        _checked(
+        checked(
             run_bundle(
                 "watnet", "training", ["train.yaml", *overlays], dataset_dir=str(tiny_dataset), output_dir=str(output),
                 **TINY_TRAINING, **slices,
@@ -214,7 +209,7 @@ def test_torchrun_overlay_trains_on_two_cpu_processes(tiny_dataset, tmp_path):
     )
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *command[1:]]
     result = subprocess.run(command, cwd="/", capture_output=True, text=True, timeout=900)
-    _checked(result)
+    checked(result)
     assert (tmp_path / "checkpoint_final.pt").is_file() and (tmp_path / "model.pt").is_file()
 
 
@@ -261,7 +256,7 @@ def test_a_new_subject_with_another_grid_is_inferred(trained, tmp_path):
     item = write_pair(tmp_path, "odd", (13, 45, 37), PERMUTED, 11)
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"test": [{"image": item["image"]}]}))
-    _checked(
+    checked(
         run_bundle(
             "watnet", "inferring", ["inference.yaml"], dataset_dir=str(tmp_path), datalist=str(datalist),
             output_dir=str(tmp_path / "out"), ckpt_path=str(trained / "model.pt"), num_workers=0,
