@@ -53,3 +53,24 @@ clean:
 .PHONY: release
 release: $(STAMP)
 	$(BIN)/python scripts/build_release.py $(RELEASE_ARGS)
+
+# MONAI Label serving every bundle (apps/monailabel, README "Deploy"), in its own virtual environment, then its test,
+# which $(VENV) skips. MONAI Label imports torchvision, whose registry wheels are built against the registry's
+# standard (CUDA) torch and fail to load beside a CPU-only torch: this environment takes torch 2.13.0 from the
+# registry, with pip's config and find-links cleared so that a local torch+cpu wheel is not picked instead.
+MONAILABEL_VENV ?= .venv-monailabel
+MONAILABEL_BIN := $(MONAILABEL_VENV)/bin
+MONAILABEL_STAMP := $(MONAILABEL_VENV)/.installed
+
+.PHONY: monailabel-test
+
+$(MONAILABEL_STAMP): pyproject.toml constraints.txt apps/monailabel/requirements.txt
+	$(PYTHON) -m venv $(MONAILABEL_VENV)
+	PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= $(MONAILABEL_BIN)/python -m pip install --quiet \
+		torch==2.13.0 torchvision==0.28.0
+	$(MONAILABEL_BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]" -r apps/monailabel/requirements.txt
+	$(MONAILABEL_BIN)/python -m pip install --quiet --no-deps monailabel==0.8.5 pydicom-seg==0.4.1
+	touch $(MONAILABEL_STAMP)
+
+monailabel-test: $(MONAILABEL_STAMP)
+	$(MONAILABEL_BIN)/python -m pytest tests/test_monailabel.py

@@ -19,7 +19,7 @@ import numpy as np
 from synth7t.errors import InputError
 from synth7t.transforms.diffusion import check_diffusion_series, read_fsl_bvals, read_fsl_bvecs
 
-__all__ = ["InputError", "load_datalist"]
+__all__ = ["InputError", "check_item", "load_datalist"]
 
 
 def _read_split(datalist: Path, splits: Sequence[str]) -> tuple[str, list[dict]]:
@@ -180,10 +180,34 @@ def load_datalist(
     """
     splits = [split] if isinstance(split, str) else list(split)
     path = Path(datalist).expanduser().resolve()
-    root = Path(dataset_dir).expanduser().resolve()
     name, items = _read_split(path, splits)
-    required = [*image_keys, *target_keys]
     return [
-        _check_item(item, f"{path} '{name}'[{index}]", root, required, optional_keys, alternatives or {}, grid_groups)
+        check_item(
+            item,
+            f"{path} '{name}'[{index}]",
+            dataset_dir,
+            image_keys,
+            target_keys,
+            optional_keys,
+            alternatives,
+            grid_groups,
+        )
         for index, item in enumerate(items)
     ]
+
+
+def check_item(
+    item: dict,
+    where: str,
+    dataset_dir: str | os.PathLike,
+    image_keys: Sequence[str] = ("image",),
+    target_keys: Sequence[str] = (),
+    optional_keys: Sequence[str] = ("mask",),
+    alternatives: Mapping[str, Sequence[str]] | None = None,
+    grid_groups: Sequence[Sequence[str]] | None = None,
+) -> dict:
+    """Validate one datalist item (or an inference request shaped like one, as the MONAI Label app's) as
+    :func:`load_datalist` does; ``where`` names it in the error. Returns the item with absolute paths."""
+    root = Path(dataset_dir).expanduser().resolve()
+    required = [*image_keys, *target_keys]
+    return _check_item(item, where, root, required, optional_keys, alternatives or {}, grid_groups)
