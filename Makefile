@@ -74,3 +74,9 @@ $(MONAILABEL_STAMP): pyproject.toml constraints.txt apps/monailabel/requirements
 
 monailabel-test: $(MONAILABEL_STAMP)
 	$(MONAILABEL_BIN)/python -m pytest tests/test_monailabel.py
+
+# Benchmarks (benchmarks/, README "Benchmarks"): speed, memory and quality of every bundle, written to
+# benchmarks/results/bench.{json,md}; options through BENCH_ARGS, e.g. BENCH_ARGS="--parts \"['inference']\"".
+.PHONY: bench
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)

@@ -1,0 +1,144 @@
+"""Quality of the shipped weights on held-out subjects, and the figures.
+
+- Each T1w bundle's ``evaluate.yaml`` (its shipped ``models/model.pt``) on the ``test`` subjects of the TELL data
+  prepared under both degradation recipes (README "Preparing training data": ``realistic`` and ``seed001``; the same
+  held-out subjects, sub-TELL0106 and sub-TELL0107, never seen in training), next to the identity baseline (the 3T
+  input scored as the prediction) and, for the seed-001 recipe, next to the seed's Table 1 (spec ``watnet.md`` §6.1:
+  10-fold leave-one-out means over ten subjects of which seven are public, so a reference, not a like-for-like
+  comparison).
+- A figure per bundle: ``scripts/demo.py`` on the shipped sample (input, prediction, real 7T and error on the same
+  axial, coronal and sagittal sections).
+
+This part runs whole volumes through the networks on the CPU (about a quarter of an hour here, most of it WATNet),
+so :func:`run` reuses an earlier result whose inputs (weights and data, by SHA-256) are unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks.measure import REPOSITORY
+
+T1W_BUNDLES = ("watnet", "gan_unet_t1w7t")
+ALL_BUNDLES = (*T1W_BUNDLES, "vct_adc7t")
+TELL7T = REPOSITORY.parent / "shared" / "data" / "tell7t"
+RECIPES = {  # the README's preparation commands
+    "realistic": [],
+    "seed001": ["--recipe", "seed001", "--quantize_8bit", "True", "--leave_one_out", "True"],
+}
+COLUMNS = ("psnr", "ssim", "mae", "psnr_brain", "ssim_brain")
+SEED_TABLE_1 = {  # spec watnet.md §6.1, full precision (mean, std)
+    "identity": {"mae": (0.012005, 0.004080), "psnr": (28.7586, 2.8865), "ssim": (0.94902, 0.01728)},
+    "basic_cnn": {"mae": (0.013583, 0.004005), "psnr": (28.0283, 2.0203), "ssim": (0.95267, 0.01632)},
+    "watnet": {"mae": (0.011912, 0.004119), "psnr": (28.8904, 2.8821), "ssim": (0.94868, 0.01783)},
+}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def dataset(recipe: str) -> Path:
+    """The prepared data of ``recipe`` under ``data/``, prepared first if missing."""
+    directory = REPOSITORY / "data" / f"tell7t_{recipe}"
+    if not (directory / "datalist.json").is_file():
+        command = [
+            sys.executable,
+            "scripts/prepare_data.py",
+            "--input_dir",
+            str(TELL7T),
+            "--output_dir",
+            str(directory),
+        ]
+        subprocess.run(command + RECIPES[recipe], cwd=REPOSITORY, check=True)
+    return directory
+
+
+def inputs_fingerprint() -> dict[str, str]:
+    """SHA-256 of what the quality figures depend on: every bundle's weights and the prepared data's records."""
+    prints = {f"{b}/models/model.pt": _sha256(REPOSITORY / "bundles" / b / "models" / "model.pt") for b in ALL_BUNDLES}
+    for recipe in RECIPES:
+        directory = dataset(recipe)
+        for name in ("datalist.json", "preparation.json"):
+            prints[f"data/tell7t_{recipe}/{name}"] = _sha256(directory / name)
+    return prints
+
+
+def _bundle_run(run_id: str, config: Path, **overrides: str) -> None:
+    command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", str(config)]
+    command += [arg for key, value in overrides.items() for arg in (f"--{key}", value)]
+    result = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+
+
+def evaluate(bundle: str, recipe: str, work: Path) -> dict[str, Any]:
+    """The bundle's evaluation on the recipe's test subjects: mean and std of each column, model and identity."""
+    output = work / f"{bundle}_{recipe}"
+    config = REPOSITORY / "bundles" / bundle / "configs" / "evaluate.yaml"
+    _bundle_run("evaluating", config, dataset_dir=str(dataset(recipe)), output_dir=str(output))
+    summary = json.loads((output / "metrics_summary.json").read_text())
+    return {
+        "subjects": summary["psnr"]["n"],
+        "model": {c: (round(summary[c]["mean"], 4), round(summary[c]["std"], 4)) for c in COLUMNS},
+        "identity": {c: (round(summary[f"identity_{c}"]["mean"], 4), round(summary[f"identity_{c}"]["std"], 4))
+                     for c in COLUMNS},
+    }  # fmt: skip
+
+
+def figures(work: Path, destination: Path) -> dict[str, str]:
+    """``scripts/demo.py`` for every bundle; its PNGs copied to ``destination/<bundle>_sample.png``, returned as paths
+    relative to ``destination``'s parent (the report's folder)."""
+    demo = work / "demo"
+    subprocess.run([sys.executable, "scripts/demo.py", "--output_dir", str(demo)], cwd=REPOSITORY, check=True)
+    destination.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for bundle in ALL_BUNDLES:
+        (png,) = sorted((demo / bundle).glob("*.png"))
+        written[bundle] = str(
+            Path(shutil.copy(png, destination / f"{bundle}_sample.png")).relative_to(destination.parent)
+        )
+    return written
+
+
+def run(work: Path, figure_dir: Path, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Quality figures and sample figures; ``previous`` (an earlier result) is returned as is when its inputs are
+    the current ones and its figures exist."""
+    fingerprint = inputs_fingerprint()
+    unchanged = previous is not None and previous.get("inputs") == fingerprint
+    if unchanged and all((figure_dir.parent / path).is_file() for path in previous["figures"].values()):
+        return {**previous, "reused": True}
+    evaluations = {f"{b}/{r}": evaluate(b, r, work) for b in T1W_BUNDLES for r in RECIPES}
+    return {"inputs": fingerprint, "evaluations": evaluations, "figures": figures(work, figure_dir), "reused": False}
+
+
+def _cell(pair: tuple[float, float], digits: int) -> str:
+    return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """PSNR / SSIM / MAE (mean ± std over the held-out subjects) of model and identity, then the seed's Table 1."""
+    rows = [
+        "| bundle | recipe | n | PSNR model | PSNR identity | SSIM model | SSIM identity | MAE model | MAE identity |",
+        "| --- | --- | ---: | --- | --- | --- | --- | --- | --- |",
+    ]
+    for key, e in result["evaluations"].items():
+        bundle, recipe = key.split("/")
+        m, i = e["model"], e["identity"]
+        rows.append(
+            f"| {bundle} | {recipe} | {e['subjects']} | {_cell(m['psnr'], 2)} | {_cell(i['psnr'], 2)} | "
+            f"{_cell(m['ssim'], 4)} | {_cell(i['ssim'], 4)} | {_cell(m['mae'], 4)} | {_cell(i['mae'], 4)} |"
+        )
+    for name, values in SEED_TABLE_1.items():
+        label = {"identity": "identity (worst case)", "basic_cnn": "BasicCNN", "watnet": "WATNet"}[name]
+        rows.append(
+            f"| seed 001 Table 1: {label} | seed001 | 10 (LOO) | {_cell(values['psnr'], 2)} | | "
+            f"{_cell(values['ssim'], 4)} | | {_cell(values['mae'], 4)} | |"
+        )
+    return "\n".join(rows)

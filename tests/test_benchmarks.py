@@ -1,0 +1,54 @@
+"""The benchmark code runs and reports (README "Benchmarks"); the figures themselves are never asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import inference, training
+from benchmarks.measure import REPOSITORY, run_case_in_subprocess, time_call
+
+
+def test_time_call_counts_warmup_apart_from_timed_runs() -> None:
+    calls = []
+    timing = time_call(lambda: calls.append(1), warmup=2, runs=3)
+    assert len(calls) == 5 and timing.runs == 3 and timing.warmup == 2
+    assert timing.min_s <= timing.median_s <= timing.max_s
+
+
+@pytest.mark.parametrize("backend", ["eager", "torchscript", "onnxruntime"])
+def test_inference_case_runs_each_backend_on_a_block(backend: str) -> None:
+    case = {"bundle": "gan_unet_t1w7t", "config": "default", "backend": backend, "device": "cpu"}
+    result = run_case_in_subprocess(
+        "benchmarks.inference", {**case, "amp": False, "compile": False, "warmup": 0, "runs": 1, "slices": 2}
+    )
+    assert "error" not in result, result
+    assert result["input_shape"] == [1, 1, 192, 224, 2]  # 182 x 218 padded to a multiple of 2^4
+    assert result["whole_volume_estimated"] and result["whole_volume_s"] == pytest.approx(
+        result["timing"]["median_s"] * 182 / 2, rel=1e-3
+    )
+    assert "| gan_unet_t1w7t | default |" in inference.markdown([result])
+
+
+def test_failed_case_is_reported_not_raised() -> None:
+    result = run_case_in_subprocess("benchmarks.inference", {"bundle": "no_such_bundle", "config": "default"})
+    assert "error" in result and result["bundle"] == "no_such_bundle"
+
+
+def test_cases_add_amp_and_compile_only_on_cuda() -> None:
+    cpu, cuda = inference.cases("cpu"), inference.cases("cuda")
+    assert not any(case["amp"] or case["compile"] for case in cpu)
+    assert any(case["compile"] and case["bundle"] == "vct_adc7t" for case in cuda)
+    assert {case["config"] for case in training.cases("cuda") if case["bundle"] == "vct_adc7t"} == {"paper"}
+
+
+def test_report_with_training_curves(tmp_path) -> None:
+    command = [sys.executable, "-m", "benchmarks", "--parts", "['curves']", "--output_dir", str(tmp_path)]
+    subprocess.run(command, cwd=REPOSITORY, check=True, capture_output=True)
+    report = (tmp_path / "bench.md").read_text()
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert "Machine:" in report and "![vct_adc7t](figures/vct_adc7t_training.png)" in report
+    assert all((tmp_path / path).is_file() for path in result["curves"].values())
