@@ -54,6 +54,22 @@ clean:
 release: $(STAMP)
 	$(BIN)/python scripts/build_release.py $(RELEASE_ARGS)
 
+# The MONAI Deploy app (apps/monai_deploy/app.py) in its own virtual environment: monai-deploy-app-sdk, holoscan and
+# what they need (apps/monai_deploy/requirements.txt) beside the repository, then its test, which $(VENV) skips.
+DEPLOY_VENV ?= .venv-monai-deploy
+DEPLOY_BIN := $(DEPLOY_VENV)/bin
+DEPLOY_STAMP := $(DEPLOY_VENV)/.installed
+
+.PHONY: monai-deploy-test
+
+$(DEPLOY_STAMP): pyproject.toml constraints.txt apps/monai_deploy/requirements.txt
+	$(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_BIN)/python -m pip install --quiet -c constraints.txt -r apps/monai_deploy/requirements.txt -e ".[test]"
+	touch $(DEPLOY_STAMP)
+
+monai-deploy-test: $(DEPLOY_STAMP)
+	$(DEPLOY_BIN)/python -m pytest tests/test_monai_deploy.py
+
 # MONAI Label serving every bundle (apps/monailabel, README "Deploy"), in its own virtual environment, then its test,
 # which $(VENV) skips. MONAI Label imports torchvision, whose registry wheels are built against the registry's
 # standard (CUDA) torch and fail to load beside a CPU-only torch: this environment takes torch 2.13.0 from the
