@@ -66,9 +66,10 @@ def cases(device: str) -> list[dict[str, Any]]:
     return [{"device": device, "amp": False, "compile": False, **case} for case in listed]
 
 
-def _parser(bundle: str, config: str, device: str) -> ConfigParser:
+def bundle_parser(bundle: str, config_file: str, config: str, device: str) -> ConfigParser:
+    """The bundle's ``config_file`` (with the paper-scale overlay for ``config="paper"``) on ``device``."""
     configs = REPOSITORY / "bundles" / bundle / "configs"
-    files = [configs / "inference.yaml", *([configs / PAPER_OVERLAYS[bundle]] if config == "paper" else [])]
+    files = [configs / config_file, *([configs / PAPER_OVERLAYS[bundle]] if config == "paper" else [])]
     parser = ConfigParser()
     parser.read_config([str(path) for path in files])
     parser["bundle_root"] = str(configs.parent)
@@ -106,7 +107,7 @@ def _volume(parser: ConfigParser, bundle: str, device: str, slices: int | None) 
 
 def measure(case: dict[str, Any], warmup: int = 1, runs: int = 3, slices: int | None = None) -> dict[str, Any]:
     """Times one case in this process over ``slices`` axial positions or the whole volume; see the module docstring."""
-    parser = _parser(case["bundle"], case["config"], case["device"])
+    parser = bundle_parser(case["bundle"], "inference.yaml", case["config"], case["device"])
     network = _network(parser, case)
     inferer = parser.get_parsed_content("inferer")
     image = _volume(parser, case["bundle"], case["device"], slices)

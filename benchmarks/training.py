@@ -25,9 +25,8 @@ from typing import Any
 import torch
 from monai.bundle import ConfigParser
 
-from benchmarks.inference import PAPER_CONTEXT, PAPER_OVERLAYS
+from benchmarks.inference import PAPER_CONTEXT, PAPER_OVERLAYS, bundle_parser
 from benchmarks.measure import (
-    REPOSITORY,
     cuda_peak_mib,
     peak_rss_mib,
     reset_cuda_peak,
@@ -53,12 +52,7 @@ def cases(device: str) -> list[dict[str, Any]]:
 
 
 def _parser(case: dict[str, Any]) -> ConfigParser:
-    configs = REPOSITORY / "bundles" / case["bundle"] / "configs"
-    overlay = [configs / PAPER_OVERLAYS[case["bundle"]]] if case["config"] == "paper" else []
-    parser = ConfigParser()
-    parser.read_config([str(path) for path in [configs / "train.yaml", *overlay]])
-    parser["bundle_root"] = str(configs.parent)
-    parser["device"] = f"$torch.device('{case['device']}')"
+    parser = bundle_parser(case["bundle"], "train.yaml", case["config"], case["device"])
     if case["device"] == "cpu" and "perceptual_weight" in parser:
         parser["perceptual_weight"] = 0.0
     return parser
