@@ -13,10 +13,10 @@ shipped weights: they run eager with their random initialisation, which costs th
 paper's architecture. On CUDA, eager also runs under float16 autocast (``amp``) and, for VCT, ``torch.compile``.
 
 On the CPU a whole WATNet volume takes minutes (its convolutions run at full resolution), so there the timed unit is
-a block of ``slices`` axial positions of the same volume (by default one inferer batch, 16): the inferers run
-independent, fixed-size batches of slabs or slices, so the whole-volume time is the block time times the number of
-slices over the block size, reported as an estimate (``whole_volume_estimated``). ``slices=None`` times the whole
-volume (the default on CUDA).
+a block of ``slices`` axial positions of the same volume (by default one inferer batch, 16; 4 for the paper-scale
+networks): the inferers run independent, fixed-size batches of slabs or slices, so the whole-volume time is the
+block time times the number of slices over the block size, reported as an estimate (``whole_volume_estimated``).
+``slices=None`` times the whole volume (the default on CUDA).
 
 Each case runs in its own process (``python -m benchmarks.inference '<case>'``), so its peak resident set size is
 its own: ``peak_rss_mib`` is the process peak, ``rss_rise_mib`` its rise during the warm-up and timed runs.
@@ -67,11 +67,15 @@ def cases(device: str) -> list[dict[str, Any]]:
 
 
 def bundle_parser(bundle: str, config_file: str, config: str, device: str) -> ConfigParser:
-    """The bundle's ``config_file`` (with the paper-scale overlay for ``config="paper"``) on ``device``."""
+    """The bundle's ``config_file`` on ``device``; for ``config="paper"`` with the paper-scale overlay, of which an
+    inference config takes the ids it has (the architecture; the overlays are written for ``train.yaml``)."""
     configs = REPOSITORY / "bundles" / bundle / "configs"
-    files = [configs / config_file, *([configs / PAPER_OVERLAYS[bundle]] if config == "paper" else [])]
     parser = ConfigParser()
-    parser.read_config([str(path) for path in files])
+    parser.read_config(str(configs / config_file))
+    if config == "paper":
+        overlay = ConfigParser.load_config_file(str(configs / PAPER_OVERLAYS[bundle]))
+        shared = config_file == "train.yaml"
+        parser.update({key: value for key, value in overlay.items() if shared or key in parser.config})
     parser["bundle_root"] = str(configs.parent)
     parser["device"] = f"$torch.device('{device}')"
     return parser
@@ -137,12 +141,16 @@ def measure(case: dict[str, Any], warmup: int = 1, runs: int = 3, slices: int | 
     }
 
 
-def run(devices: list[str], warmup: int = 1, runs: int = 3, cpu_slices: int | None = 16) -> list[dict[str, Any]]:
-    """Every case of every device, each in a fresh process; on the CPU over blocks of ``cpu_slices``."""
+def run(
+    devices: list[str], warmup: int = 1, runs: int = 3, cpu_slices: int = 16, cpu_paper_slices: int = 4
+) -> list[dict[str, Any]]:
+    """Every case of every device, each in a fresh process; on the CPU over blocks of ``cpu_slices`` (the default
+    configurations) or ``cpu_paper_slices`` (the paper-scale ones, 5 to 50 times slower per slice)."""
     results = []
     for device in devices:
-        settings = {"warmup": warmup, "runs": runs, "slices": cpu_slices if device == "cpu" else None}
         for case in cases(device):
+            slices = (cpu_slices if case["config"] == "default" else cpu_paper_slices) if device == "cpu" else None
+            settings = {"warmup": warmup, "runs": runs, "slices": slices}
             results.append(run_case_in_subprocess("benchmarks.inference", {**case, **settings}))
             print(_line(results[-1]), flush=True)
     return results

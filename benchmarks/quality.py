@@ -83,6 +83,11 @@ def evaluate(bundle: str, recipe: str, work: Path) -> dict[str, Any]:
     output = work / f"{bundle}_{recipe}"
     config = REPOSITORY / "bundles" / bundle / "configs" / "evaluate.yaml"
     _bundle_run("evaluating", config, dataset_dir=str(dataset(recipe)), output_dir=str(output))
+    return summarise(output)
+
+
+def summarise(output: Path) -> dict[str, Any]:
+    """Mean and std of each column, model and identity, from an evaluation's ``metrics_summary.json``."""
     summary = json.loads((output / "metrics_summary.json").read_text())
     return {
         "subjects": summary["psnr"]["n"],
