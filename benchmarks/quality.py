@@ -11,7 +11,8 @@
 
 The evaluations run with the bundles' ONNX Runtime overlay (``inference_onnx.yaml``: the shipped weights as
 ``models/model.onnx``, equal to ``models/model.pt`` within 1e-4 by ``tests/test_exports.py``), 2.3 times faster than
-PyTorch for WATNet on this project's CPU. This part still runs whole volumes (about 7 minutes here, most of it
+PyTorch for WATNet on this project's CPU. Missing prepared data are prepared first from the 7T volumes in ``$SYNTH7T_TELL7T`` (default
+``../shared/data/tell7t`` beside the repository). This part still runs whole volumes (about 7 minutes here, most of it
 WATNet), so :func:`run` reuses an earlier result whose inputs (weights and data, by SHA-256) are unchanged.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -29,7 +31,7 @@ from benchmarks.measure import REPOSITORY
 
 T1W_BUNDLES = ("watnet", "gan_unet_t1w7t")
 ALL_BUNDLES = (*T1W_BUNDLES, "vct_adc7t")
-TELL7T = REPOSITORY.parent / "shared" / "data" / "tell7t"
+TELL7T = Path(os.environ.get("SYNTH7T_TELL7T", REPOSITORY.parent / "shared" / "data" / "tell7t"))
 RECIPES = {  # the README's preparation commands
     "realistic": [],
     "seed001": ["--recipe", "seed001", "--quantize_8bit", "True", "--leave_one_out", "True"],
@@ -65,14 +67,15 @@ def dataset(recipe: str) -> Path:
 
 def inputs_fingerprint() -> dict[str, str]:
     """What the quality figures depend on: the evaluation configs, and by SHA-256 every bundle's weights and the
-    prepared data's records."""
+    held-out volumes (the preparation is seeded and writes deterministic gzip, so a fresh preparation matches)."""
     weights = [f"{bundle}/models/{name}" for bundle in ALL_BUNDLES for name in ("model.pt", "model.onnx")]
     prints = {"evaluation": " + ".join(EVALUATION_CONFIGS)}
     prints |= {path: _sha256(REPOSITORY / "bundles" / path) for path in weights}
     for recipe in RECIPES:
         directory = dataset(recipe)
-        for name in ("datalist.json", "preparation.json"):
-            prints[f"data/tell7t_{recipe}/{name}"] = _sha256(directory / name)
+        test_items = json.loads((directory / "datalist.json").read_text())["test"]
+        files = sorted({item[key] for item in test_items for key in ("image", "label", "mask") if key in item})
+        prints |= {f"data/tell7t_{recipe}/{name}": _sha256(directory / name) for name in files}
     return prints
 
 
