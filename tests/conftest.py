@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -160,3 +161,27 @@ def run_bundle(
         text=True,
         timeout=900,
     )
+
+
+def evaluation_results(bundle: str, dataset: Path, output_dir: Path, **overrides) -> tuple[list[dict], dict]:
+    """Run the bundle's ``evaluating`` workflow on ``dataset`` into ``output_dir``; its ``metrics.csv`` rows and its
+    ``metrics_summary.json``."""
+    checked(
+        run_bundle(
+            bundle, "evaluating", ["evaluate.yaml"], dataset_dir=str(dataset), output_dir=str(output_dir), **overrides
+        )
+    )
+    with (output_dir / "metrics.csv").open() as table:
+        rows = list(csv.DictReader(table))
+    return rows, json.loads((output_dir / "metrics_summary.json").read_text())
+
+
+def inference_output(bundle: str, item: dict, directory: Path) -> Path:
+    """The volume the bundle's own ``inferring`` workflow writes for one datalist item (absolute paths), run in
+    ``directory``, which must exist and holds the datalist and the output."""
+    (directory / "datalist.json").write_text(json.dumps({"test": [item]}))
+    output = directory / "out"
+    overrides = {"dataset_dir": str(directory), "datalist": str(directory / "datalist.json"), "output_dir": str(output)}
+    checked(run_bundle(bundle, "inferring", ["inference.yaml"], **overrides))
+    (written,) = output.glob("*_7t.nii.gz")
+    return written

@@ -58,13 +58,17 @@ def test_shipped_weights_load_into_the_default_network(bundle):
     network.load_state_dict(state)  # strict: every key and shape matches
 
 
+def _tiny_dataset(bundle: str, request: pytest.FixtureRequest) -> Path:
+    """The bundle's toy dataset: ``tiny_dataset`` (T1w pairs) or, for vct_adc7t, ``tiny_diffusion_dataset``."""
+    return request.getfixturevalue("tiny_dataset" if bundle in T1W_BUNDLES else "tiny_diffusion_dataset")
+
+
 @pytest.mark.parametrize("bundle", BUNDLES)
 def test_inference_with_the_shipped_weights_from_another_directory(bundle, request, tmp_path):
+    dataset = _tiny_dataset(bundle, request)
     if bundle in T1W_BUNDLES:
-        dataset = request.getfixturevalue("tiny_dataset")
         item, written = {"image": "sub-4_3T.nii.gz"}, "sub-4_3T_7t.nii.gz"
     else:  # vct_adc7t: 3T T1w + 3T diffusion series
-        dataset = request.getfixturevalue("tiny_diffusion_dataset")
         item = json.loads((dataset / "datalist.json").read_text())["test"][1]
         item, written = {key: item[key] for key in ("t1w", "dwi", "bval", "bvec")}, "sub-5_3T_T1w_7t.nii.gz"
     datalist = tmp_path / "datalist.json"
@@ -75,6 +79,16 @@ def test_inference_with_the_shipped_weights_from_another_directory(bundle, reque
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "predictions" / written).is_file()
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_missing_checkpoint_stops_inference(bundle, request, tmp_path):
+    result = run_bundle(
+        bundle, "inferring", ["inference.yaml"], dataset_dir=str(_tiny_dataset(bundle, request)),
+        output_dir=str(tmp_path / "out"), ckpt_path=str(tmp_path / "absent.pt"), num_workers=0,
+    )  # fmt: skip
+    assert result.returncode == 1 and "absent.pt: checkpoint not found" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def _write(path: Path, array: np.ndarray, affine: np.ndarray) -> str:

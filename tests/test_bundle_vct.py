@@ -4,7 +4,6 @@ ablation overlays, torchrun, and the bad-input cases of the contract (BUNDLES.md
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -22,7 +21,7 @@ from monai.transforms import Compose
 
 from synth7t.networks import VCT
 
-from conftest import REPOSITORY, bundle_command, checked, run_bundle
+from conftest import REPOSITORY, bundle_command, checked, evaluation_results, run_bundle
 
 BUNDLE = "vct_adc7t"
 CONFIGS = REPOSITORY / "bundles" / BUNDLE / "configs"
@@ -113,19 +112,14 @@ def test_early_stopping_watches_the_validation_loss(tiny_diffusion_dataset, tmp_
 
 
 def test_evaluation_scores_the_model_and_the_3t_adc_baseline(trained, tiny_diffusion_dataset, tmp_path):
-    checked(
-        run_bundle(
-            BUNDLE, "evaluating", ["evaluate.yaml"], dataset_dir=str(tiny_diffusion_dataset), output_dir=str(tmp_path),
-            ckpt_path=str(trained / "model.pt"), num_workers=0, **TINY_NETWORK,
-        )
-    )  # fmt: skip
-    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    rows, summary = evaluation_results(
+        BUNDLE, tiny_diffusion_dataset, tmp_path, ckpt_path=str(trained / "model.pt"), num_workers=0, **TINY_NETWORK
+    )
     assert [row["subject"] for row in rows] == ["sub-4_3T_T1w", "sub-5_3T_T1w"]
     for row in rows:
         for name in ("psnr", "ssim", "mse", "psnr_brain"):
             assert np.isfinite(float(row[name])) and np.isfinite(float(row[f"identity_{name}"]))
         assert float(row["mse"]) == pytest.approx(10 ** (-float(row["psnr"]) / 10), rel=1e-3)  # data range 1
-    summary = json.loads((tmp_path / "metrics_summary.json").read_text())
     assert summary["psnr"]["n"] == 2
 
 
@@ -235,15 +229,6 @@ def test_bad_input_stops_inference_before_any_compute(case, tiny_diffusion_datas
     message = str(stop.value)
     assert message.startswith("error: ") and problem in message and named in message, message
     assert not output.exists()
-
-
-def test_missing_checkpoint_stops_inference(tiny_diffusion_dataset, tmp_path):
-    result = run_bundle(
-        BUNDLE, "inferring", ["inference.yaml"], dataset_dir=str(tiny_diffusion_dataset),
-        output_dir=str(tmp_path / "out"), ckpt_path=str(tmp_path / "absent.pt"), num_workers=0,
-    )  # fmt: skip
-    assert result.returncode == 1 and "absent.pt: checkpoint not found" in result.stderr
-    assert not (tmp_path / "out").exists()
 
 
 def test_slices_not_divisible_by_16_are_a_clear_error_when_padding_is_off(trained, tiny_diffusion_dataset, tmp_path):

@@ -3,7 +3,6 @@ the overlays, torchrun, the bundle contract's properties, outputs and bad-input 
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
@@ -20,7 +19,16 @@ from synth7t.metrics import METRIC_NAMES, volume_metrics
 from synth7t.networks import BasicCNN, WATNet
 from synth7t.transforms import PercentileScaleIntensity
 
-from conftest import PERMUTED, REPOSITORY, TINY_TRAINING, bundle_command, checked, run_bundle, write_pair
+from conftest import (
+    PERMUTED,
+    REPOSITORY,
+    TINY_TRAINING,
+    bundle_command,
+    checked,
+    evaluation_results,
+    run_bundle,
+    write_pair,
+)
 
 BUNDLE = REPOSITORY / "bundles" / "watnet"
 CONFIGS = BUNDLE / "configs"
@@ -114,14 +122,9 @@ def _normalised_ras(path: Path, mask: np.ndarray) -> np.ndarray:
 
 
 def test_evaluation_writes_per_subject_metrics_with_identity_baseline(trained, tiny_dataset, tmp_path):
-    checked(
-        run_bundle(
-            "watnet", "evaluating", ["evaluate.yaml"], dataset_dir=str(tiny_dataset), output_dir=str(tmp_path),
-            ckpt_path=str(trained / "model.pt"), num_workers=0,
-        )
+    rows, summary = evaluation_results(
+        "watnet", tiny_dataset, tmp_path, ckpt_path=str(trained / "model.pt"), num_workers=0
     )
-    with open(tmp_path / "metrics.csv") as handle:
-        rows = list(csv.DictReader(handle))
     assert [row["subject"] for row in rows] == ["sub-4_3T", "sub-5_3T"]
     expected_columns = [f"{p}{m}{s}" for p in ("", "identity_") for m in METRIC_NAMES for s in ("", "_brain")]
     assert set(expected_columns) <= set(rows[0])
@@ -134,7 +137,6 @@ def test_evaluation_writes_per_subject_metrics_with_identity_baseline(trained, t
         expected = volume_metrics(image, label, mask)
         for name in ("psnr", "ssim", "mae", "psnr_brain", "ssim_brain"):
             assert float(row[f"identity_{name}"]) == pytest.approx(expected[name], rel=1e-4), name
-    summary = json.loads((tmp_path / "metrics_summary.json").read_text())
     psnrs = [float(row["psnr"]) for row in rows]
     assert summary["psnr"]["mean"] == pytest.approx(np.mean(psnrs), rel=1e-5)
     assert summary["psnr"]["std"] == pytest.approx(np.std(psnrs), rel=1e-4, abs=1e-6)

@@ -7,7 +7,6 @@ where WATNet takes about four minutes on the whole 182-slice volume.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 
 pytest.importorskip("monai.deploy")
 
-from conftest import REPOSITORY, checked, run_bundle
+from conftest import REPOSITORY, checked, inference_output
 
 APP = REPOSITORY / "apps" / "monai_deploy" / "app.py"
 SAMPLE = REPOSITORY / "samples" / "mni152_t1w_3t.nii.gz"
@@ -40,16 +39,6 @@ def run_app(input_folder: Path, output_folder: Path, *options: str) -> subproces
     return subprocess.run(command, check=False, cwd=output_folder.parent, capture_output=True, text=True, timeout=900)
 
 
-def bundle_output(bundle: str, image: Path, folder: Path) -> np.ndarray:
-    """What ``python -m monai.bundle run inferring`` writes for ``image``."""
-    folder.mkdir()
-    datalist = folder / "datalist.json"
-    datalist.write_text(json.dumps({"test": [{"image": str(image)}]}))
-    overrides = {"dataset_dir": str(image.parent), "datalist": str(datalist), "output_dir": str(folder / "out")}
-    checked(run_bundle(bundle, "inferring", ["inference.yaml"], **overrides))
-    return nib.load(folder / "out" / "mni152_t1w_3t_7t.nii.gz").get_fdata(dtype=np.float32)
-
-
 @pytest.mark.parametrize(
     ("bundle", "options"), [("watnet", ()), ("gan_unet_t1w7t", ("-m", str(REPOSITORY / "bundles" / "gan_unet_t1w7t")))]
 )
@@ -64,5 +53,7 @@ def test_app_writes_the_bundle_output(bundle: str, options: tuple[str, ...], sam
     assert written.get_data_dtype() == np.float32
     assert np.isfinite(prediction).all() and prediction.min() >= 0 and prediction.max() <= 1
     assert prediction.max() > 0.5  # a brain, not a uint8-cast or empty volume
-    expected = bundle_output(bundle, sample_slab, tmp_path / "bundle")
+    (tmp_path / "bundle").mkdir()
+    written_by_bundle = inference_output(bundle, {"image": str(sample_slab)}, tmp_path / "bundle")
+    expected = nib.load(written_by_bundle).get_fdata(dtype=np.float32)
     assert np.abs(prediction - expected).max() <= TOLERANCE

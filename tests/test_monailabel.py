@@ -23,7 +23,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import REPOSITORY, checked, run_bundle
+from conftest import REPOSITORY, inference_output
 
 pytest.importorskip("monailabel", reason="MONAI Label is not installed here: run `make monailabel-test`")
 
@@ -98,15 +98,6 @@ def _synthesize(url: str, model: str, image: str, destination: Path, params: dic
     return destination
 
 
-def _bundle_output(bundle: str, item: dict, directory: Path) -> Path:
-    """The bundle's own ``inferring`` output for one datalist item."""
-    (directory / "datalist.json").write_text(json.dumps({"test": [item]}))
-    output = directory / "out"
-    overrides = {"dataset_dir": str(directory), "datalist": str(directory / "datalist.json"), "output_dir": str(output)}
-    checked(run_bundle(bundle, "inferring", ["inference.yaml"], **overrides))
-    return next(output.glob("*_7t.nii.gz"))
-
-
 def test_info_lists_every_bundle(server: str) -> None:
     info = json.loads(_get(f"{server}/info/"))
     assert set(info["models"]) == {"watnet", "gan_unet_t1w7t", "vct_adc7t"}
@@ -116,7 +107,7 @@ def test_info_lists_every_bundle(server: str) -> None:
 @pytest.mark.parametrize("bundle", ["watnet", "gan_unet_t1w7t"])
 def test_t1w_bundle_served_matches_bundle_inference(server: str, studies: Path, bundle: str, tmp_path: Path) -> None:
     served = nib.load(_synthesize(server, bundle, "t1w_3t", tmp_path / "served.nii.gz"))
-    expected = nib.load(_bundle_output(bundle, {"image": str(studies / "t1w_3t.nii.gz")}, tmp_path))
+    expected = nib.load(inference_output(bundle, {"image": str(studies / "t1w_3t.nii.gz")}, tmp_path))
     source = nib.load(studies / "t1w_3t.nii.gz")
     assert served.shape == source.shape
     np.testing.assert_allclose(served.affine, source.affine, atol=1e-4)
@@ -128,7 +119,7 @@ def test_t1w_bundle_served_matches_bundle_inference(server: str, studies: Path, 
 def test_vct_served_with_adc_from_params_matches_bundle_inference(server: str, studies: Path, tmp_path: Path) -> None:
     served_path = _synthesize(server, "vct_adc7t", "vct_t1w", tmp_path / "served.nii.gz", {"adc": "vct_adc"})
     item = {"t1w": str(studies / "vct_t1w.nii.gz"), "adc": str(studies / "vct_adc.nii.gz")}
-    served, expected = nib.load(served_path), nib.load(_bundle_output("vct_adc7t", item, tmp_path))
+    served, expected = nib.load(served_path), nib.load(inference_output("vct_adc7t", item, tmp_path))
     assert served.shape == expected.shape  # the 7T grid, not the 3T input's
     np.testing.assert_allclose(served.affine, expected.affine, atol=1e-4)
     np.testing.assert_allclose(served.get_fdata(dtype=np.float32), expected.get_fdata(dtype=np.float32), atol=1e-4)
