@@ -45,8 +45,6 @@ JSON on its last line.
 from __future__ import annotations
 
 import inspect
-import json
-import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -61,6 +59,7 @@ from benchmarks.measure import (
     cuda_peak_mib,
     machine,
     peak_rss_mib,
+    report_case,
     reset_cuda_peak,
     run_case_in_subprocess,
     time_call,
@@ -424,4 +423,4 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure_case(json.loads(sys.argv[1]))))
+    report_case(measure_case)

@@ -24,8 +24,6 @@ its own: ``peak_rss_mib`` is the process peak, ``rss_rise_mib`` its rise during 
 
 from __future__ import annotations
 
-import json
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -38,6 +36,7 @@ from benchmarks.measure import (
     REPOSITORY,
     cuda_peak_mib,
     peak_rss_mib,
+    report_case,
     reset_cuda_peak,
     run_case_in_subprocess,
     time_call,
@@ -204,6 +203,4 @@ def markdown(results: list[dict[str, Any]]) -> str:
 
 
 if __name__ == "__main__":
-    requested = json.loads(sys.argv[1])
-    settings = {key: requested.pop(key) for key in ("warmup", "runs", "slices") if key in requested}
-    print(json.dumps(measure(requested, **settings)))
+    report_case(measure, ("warmup", "runs", "slices"))

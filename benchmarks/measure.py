@@ -113,3 +113,11 @@ def run_case_in_subprocess(module: str, case: dict[str, Any], timeout_s: float =
     if result.returncode != 0 or not lines:
         return {**case, "error": (result.stderr.strip().splitlines() or ["no output"])[-1]}
     return json.loads(lines[-1])
+
+
+def report_case(measure: Callable[..., dict[str, Any]], settings: tuple[str, ...] = ()) -> None:
+    """The other side of :func:`run_case_in_subprocess`, for a module's ``__main__``: reads the case from the command
+    line, passes its ``settings`` keys to ``measure`` as keywords and the rest as the case, prints the JSON result."""
+    case = json.loads(sys.argv[1])
+    keywords = {key: case.pop(key) for key in settings if key in case}
+    print(json.dumps(measure(case, **keywords)))

@@ -17,8 +17,6 @@ AMP, beside the VCT paper's own figure: 16,434 slices per epoch in 4.25 min on o
 
 from __future__ import annotations
 
-import json
-import sys
 from contextlib import nullcontext
 from typing import Any
 
@@ -29,6 +27,7 @@ from benchmarks.inference import PAPER_CONTEXT, PAPER_OVERLAYS, bundle_parser
 from benchmarks.measure import (
     cuda_peak_mib,
     peak_rss_mib,
+    report_case,
     reset_cuda_peak,
     run_case_in_subprocess,
     time_call,
@@ -138,6 +137,4 @@ def markdown(results: list[dict[str, Any]]) -> str:
 
 
 if __name__ == "__main__":
-    requested = json.loads(sys.argv[1])
-    settings = {key: requested.pop(key) for key in ("warmup", "runs") if key in requested}
-    print(json.dumps(measure(requested, **settings)))
+    report_case(measure, ("warmup", "runs"))
