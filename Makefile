@@ -21,11 +21,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 # TorchScript (metadata.json and inference.yaml embedded, as MONAI Deploy loads them) and ONNX exports of each
-# bundle's default network from its models/model.pt, traced on EXPORT_SHAPE_<bundle> with batch, height and width
-# left dynamic; rerun after replacing a model.pt. vct_adc7t is traced at 192 x 224, not at its 176 x 208 slices: its
-# position embeddings, stored for the 11 x 13 token grid of 176 x 208, are resized only when the grid differs, so a
-# trace at 176 x 208 would leave the resize out and fail at any other size; traced at 192 x 224, the bicubic resize
-# follows the input size and is exactly the identity at 176 x 208.
+# bundle's default network from its models/model.pt; rerun after replacing a model.pt. model.ts is scripted
+# (torch.jit.script, no --use_trace, as the MONAI model zoo's CI exports), so every shape check and branch of the
+# network's forward is kept. model.onnx is traced (ONNX export needs a trace) on EXPORT_SHAPE_<bundle> with batch,
+# height and width left dynamic. vct_adc7t is traced at 192 x 224, not at its 176 x 208 slices: its position
+# embeddings, stored for the 11 x 13 token grid of 176 x 208, are resized only when the grid differs, so a trace at
+# 176 x 208 would leave the resize out and fail at any other size; traced at 192 x 224, the bicubic resize follows
+# the input size and is exactly the identity at 176 x 208.
 EXPORT_SHAPE_watnet := [1, 3, 64, 64]
 EXPORT_SHAPE_gan_unet_t1w7t := [1, 3, 192, 224]
 EXPORT_SHAPE_vct_adc7t := [1, 2, 192, 224]
@@ -35,7 +37,7 @@ ONNX_DYNAMIC := "{'dynamo': False, 'input_names': ['image'], 'output_names': ['p
 define export_bundle
 	$(BIN)/python -m monai.bundle ckpt_export network_def --config_file bundles/$(1)/configs/inference.yaml \
 		--meta_file bundles/$(1)/configs/metadata.json --ckpt_file bundles/$(1)/models/model.pt \
-		--filepath bundles/$(1)/models/model.ts --use_trace True --input_shape "$(EXPORT_SHAPE_$(1))"
+		--filepath bundles/$(1)/models/model.ts
 	$(BIN)/python -m monai.bundle onnx_export network_def --config_file bundles/$(1)/configs/inference.yaml \
 		--ckpt_file bundles/$(1)/models/model.pt --filepath bundles/$(1)/models/model.onnx \
 		--use_trace True --input_shape "$(EXPORT_SHAPE_$(1))" --converter_kwargs $(ONNX_DYNAMIC)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from monai.bundle import ConfigParser
 from torch import nn
 
 from synth7t.networks import AdaDM, AdaDMResBlock, AttentionResUNet
+
+from conftest import REPOSITORY
 
 TINY = dict(channels=8, channel_mult=(1, 2), num_res_blocks=1, norm_num_groups=4)
 
@@ -169,3 +172,37 @@ def test_one_context_token_makes_cross_attention_a_per_sample_feature_shift():
     idle = {name for name, p in net.named_parameters() if not p.grad.abs().sum() > 0}
     query_side = (".attn2.to_q.", ".attn2.to_k.", ".norm2.")
     assert idle and all(any(part in name for part in query_side) for name in idle), idle
+
+
+@pytest.mark.parametrize(
+    "kwargs, context_shape",
+    [
+        ({}, None),
+        (dict(cross_attention_stages=(1, 2, 3), context_dim=4), (2, 4)),
+        (dict(cross_attention_stages=(2,), context_dim=4), (2, 3, 4)),
+        (dict(cross_attention_stages=(3,), context_dim=4, use_flash_attention=True), (2, 4)),
+    ],
+    ids=["unconditioned", "every-stage", "tokens", "flash-bottleneck"],
+)
+def test_unet_scripts_equal_to_eager(kwargs, context_shape):
+    """``torch.jit.script``, as the MONAI model zoo exports a bundle's network (``ckpt_export`` without tracing)."""
+    net = AttentionResUNet(**TINY, **kwargs).eval()
+    _randomise(net)
+    scripted = torch.jit.script(net)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 8, 12, generator=generator)
+    args = (x,) if context_shape is None else (x, torch.rand(context_shape, generator=generator))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(*args), net(*args), rtol=0, atol=1e-5)
+
+
+def test_thesis_unc_configuration_scripts():
+    """The UNC U-Net (cross-attention in stages 3, 4 and the bottleneck, age, sex, diagnosis and slice position as
+    context); the other thesis configurations only differ from it and from the networks above in sizes."""
+    parser = ConfigParser()
+    configs = REPOSITORY / "bundles" / "gan_unet_t1w7t" / "configs"
+    parser.read_config([str(configs / "train.yaml"), str(configs / "unc_unet.yaml")])
+    with torch.device("meta"):  # compiled, not run: no need to allocate the thesis's network
+        network = parser.get_parsed_content("network_def")
+    scripted = torch.jit.script(network)
+    assert [name for name, _ in scripted.named_parameters()] == [name for name, _ in network.named_parameters()]

@@ -98,13 +98,14 @@ def test_haar_dwt_filters_are_not_persistent_and_follow_dtype():
     torch.testing.assert_close(basis @ basis.T, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
-def test_haar_dwt_torchscript_trace_equals_eager():
+@pytest.mark.parametrize("convert", ["trace", "script"])
+def test_haar_dwt_torchscript_equals_eager(convert: str):
     dwt = HaarDWT2d()
     torch.manual_seed(1)
     example = torch.rand(2, 3, 16, 12)
-    traced = torch.jit.trace(dwt, example)
+    exported = torch.jit.trace(dwt, example) if convert == "trace" else torch.jit.script(dwt)
     other = torch.rand(2, 3, 16, 12) * 5 - 2
-    for got, expected in zip(traced(other), dwt(other)):
+    for got, expected in zip(exported(other), dwt(other)):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
@@ -225,6 +226,31 @@ def test_basic_cnn_shape_padding_and_range():
     assert y.shape == (2, 3, 13, 10)
     assert (y > 0).all() and (y < 1).all()
     assert isinstance(net.layers[-1], nn.Sigmoid)
+
+
+# ------------------------------------------------------------------------------------------------------ TorchScript
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_watnet_scripts_equal_to_eager_and_keeps_its_size_check(networks, variant):
+    """``torch.jit.script``, as the MONAI model zoo exports a bundle's network (``ckpt_export`` without tracing)."""
+    net = networks[variant]
+    scripted = torch.jit.script(net)
+    torch.manual_seed(10)
+    for shape in [(2, 3, 32, 40), (1, 3, 16, 8)]:
+        x = torch.rand(shape)
+        with torch.no_grad():
+            torch.testing.assert_close(scripted(x), net(x), rtol=0, atol=1e-5)
+    with pytest.raises(torch.jit.Error, match=r"divisible by 8, got \(60, 64\)"):
+        scripted(torch.zeros(1, 3, 60, 64))
+
+
+def test_basic_cnn_scripts_equal_to_eager():
+    torch.manual_seed(11)
+    net = BasicCNN().eval()
+    x = torch.rand(2, 3, 13, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(net)(x), net(x), rtol=0, atol=1e-5)
 
 
 # -------------------------------------------------------------------------------------------------- global residual

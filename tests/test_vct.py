@@ -5,10 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from monai.bundle import ConfigParser
 from scipy.special import erf
 
 from synth7t.errors import InputError
 from synth7t.networks import VCT, load_vit_checkpoint
+
+from conftest import REPOSITORY
 
 TINY = dict(channels=8, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64, image_size=(32, 48))
 
@@ -106,6 +109,36 @@ def test_gradients_reach_every_parameter():
     net(torch.rand(2, 2, 32, 48)).square().mean().backward()
     missing = [name for name, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, missing
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, dict(in_channels=1, transformer_positions=(2,), share_transformer=False), dict(use_flash_attention=True)],
+    ids=["paper-layout", "single-input-unshared", "flash"],
+)
+def test_scripts_equal_to_eager_at_the_stored_and_another_token_grid(kwargs):
+    """``torch.jit.script``, as the MONAI model zoo exports a bundle's network (``ckpt_export`` without tracing); at
+    64 x 32 the position embeddings are resized, which a trace at the stored 32 x 48 would leave out."""
+    net = VCT(**TINY, **kwargs).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in net.parameters():  # the position embeddings start at zero: make their resize visible
+            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+    scripted = torch.jit.script(net)
+    for size in [(32, 48), (64, 32)]:
+        x = 2 * torch.rand(2, net.encoder[1].in_channels, *size, generator=generator) - 1
+        with torch.no_grad():
+            torch.testing.assert_close(scripted(x), net(x), rtol=0, atol=1e-5)
+
+
+def test_paper_configuration_scripts():
+    parser = ConfigParser()
+    configs = REPOSITORY / "bundles" / "vct_adc7t" / "configs"
+    parser.read_config([str(configs / "train.yaml"), str(configs / "paper.yaml")])
+    with torch.device("meta"):  # compiled, not run: no need to allocate 123 M parameters
+        network = parser.get_parsed_content("network_def")
+    scripted = torch.jit.script(network)
+    assert [name for name, _ in scripted.named_parameters()] == [name for name, _ in network.named_parameters()]
 
 
 # --- R50+ViT-B/16 checkpoint loading (spec vct.md §4.4), on small checkpoints with the same key layout ------------

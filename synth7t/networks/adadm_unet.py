@@ -48,7 +48,7 @@ class AdaDM(nn.Module):
         self.eps = eps
 
     def forward(self, residue: torch.Tensor, block_input: torch.Tensor) -> torch.Tensor:
-        std = block_input.flatten(1).std(dim=1).view(-1, *([1] * (block_input.ndim - 1)))
+        std = block_input.flatten(1).std(dim=1).view([-1] + [1] * (block_input.ndim - 1))
         return residue * torch.exp(self.weight * torch.log(std + self.eps) + self.bias)
 
 
@@ -103,10 +103,12 @@ class _Stage(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        for index, res_block in enumerate(self.res_blocks):
-            x = res_block(x)
-            if self.attentions is not None:
-                x = self.attentions[index](x, context=context)
+        if self.attentions is None:
+            for res_block in self.res_blocks:
+                x = res_block(x)
+        else:  # zipped: TorchScript indexes a ModuleList only by a literal
+            for res_block, attention in zip(self.res_blocks, self.attentions):
+                x = attention(res_block(x), context=context)
         return x
 
 
@@ -234,13 +236,14 @@ class AttentionResUNet(nn.Module):
         tokens = context[:, None] if context.ndim == 2 else context
         if tokens.ndim != 3 or tokens.shape[-1] != self.context_dim:
             expected = f"(B, {self.context_dim}) or (B, tokens, {self.context_dim})"
-            raise ValueError(f"context must be {expected}, got {tuple(context.shape)}.")
+            raise ValueError(f"context must be {expected}, got shape {list(context.shape)}.")
         return tokens
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[-2] % self.divisor or x.shape[-1] % self.divisor:
             raise ValueError(
-                f"height and width must be divisible by {self.divisor}, got {tuple(x.shape[-2:])}; pad the slices."
+                f"height and width must be divisible by {self.divisor}, got ({x.shape[-2]}, {x.shape[-1]}); "
+                "pad the slices."
             )
         tokens = self._context_tokens(context)
         h = self.stem(x)

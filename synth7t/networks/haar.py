@@ -35,10 +35,9 @@ class HaarDWT2d(nn.Module):
       seed's ``tensorflow-wavelets`` DWT (spec watnet.md §3.2).
 
     Each value equals PyWavelets' ``dwt2(·, "haar")`` on the same channel. The filters are a non-persistent
-    buffer: they follow ``.to(device)`` but never appear in a state dict.
+    buffer: they follow ``.to(device)`` but never appear in the module's state dict (TorchScript ignores
+    ``persistent=False``: a scripted or traced copy lists them, pytorch/pytorch#69250).
     """
-
-    filters: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()

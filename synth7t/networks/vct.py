@@ -247,7 +247,9 @@ class VCT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2] % 16 or x.shape[-1] % 16:
-            raise ValueError(f"height and width must be divisible by 16, got {tuple(x.shape[-2:])}; pad the slices.")
+            raise ValueError(
+                f"height and width must be divisible by 16, got ({x.shape[-2]}, {x.shape[-1]}); pad the slices."
+            )
         return self.decoder(self.blocks(self.encoder(x)))
 
 

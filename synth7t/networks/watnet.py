@@ -46,6 +46,7 @@ class DistillationBlock(nn.Module):
     the compression unit that follows belongs to the network stage, not to this block.
     """
 
+    __constants__ = ["distilled_channels"]  # TorchScript sees class attributes only when declared constant
     distilled_channels = 16
 
     def __init__(self, channels: int, activation: ActivationFactory) -> None:
@@ -148,6 +149,7 @@ class WATNet(nn.Module):
     the input plus the predicted residual. The output is not clipped, as in both sources.
     """
 
+    __constants__ = ["levels"]
     levels = 3
 
     def __init__(self, in_channels: int = 3, variant: str = "original", features: int = 64) -> None:
@@ -156,7 +158,7 @@ class WATNet(nn.Module):
             raise ValueError(f"variant must be one of {sorted(_VARIANTS)}, got {variant!r}.")
         self.variant = variant
         config = _VARIANTS[variant]
-        self._config = config
+        self.approximation_at_last_level = config.approximation_at_last_level
 
         def activation() -> nn.Module:
             if config.negative_slope:
@@ -250,21 +252,28 @@ class WATNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2] % 8 or x.shape[-1] % 8:
-            raise ValueError(f"WATNet needs H and W divisible by 8, got {tuple(x.shape[-2:])}; pad the input first.")
+            raise ValueError(
+                f"WATNet needs H and W divisible by 8, got ({x.shape[-2]}, {x.shape[-1]}); pad the input first."
+            )
         approximation, wavelets = x, []
         for _ in range(self.levels):
             approximation, details = self.wavelet(approximation)
             wavelets.append(details)
-        if self._config.approximation_at_last_level:
+        if self.approximation_at_last_level:
             wavelets[-1] = torch.cat([approximation, wavelets[-1]], dim=1)
 
+        # TorchScript indexes a ModuleList only by an integer literal and cannot slice one, so the encoder's three
+        # levels zip their WAT layers (zip stops at the shortest) before its stride-1 block, and each decoder level
+        # finds its upsampler, self.upsamplers[level - 1], by enumeration.
         h = self.head(x)
-        for level, (block, compress) in enumerate(zip(self.encoder_blocks, self.encoder_compressions)):
-            h = compress(block(h))
-            if level < self.levels:
-                h = self.wavelet_transforms[level](h, wavelets[level])
+        for level, (block, compress, transform) in enumerate(
+            zip(self.encoder_blocks, self.encoder_compressions, self.wavelet_transforms)
+        ):
+            h = transform(compress(block(h)), wavelets[level])
+        h = self.encoder_compressions[-1](self.encoder_blocks[-1](h))
         for level, (block, compress) in enumerate(zip(self.decoder_blocks, self.decoder_compressions)):
             h = compress(block(h))
-            if level > 0:
-                h = self.upsamplers[level - 1](h)
+            for index, upsample in enumerate(self.upsamplers):
+                if index == level - 1:
+                    h = upsample(h)
         return x + self.output(h)
