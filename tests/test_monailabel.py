@@ -3,7 +3,8 @@
 Runs where ``monailabel`` is installed: ``make monailabel-test`` builds that environment (``.venv-monailabel``) and
 runs this file; in the main environment (CI) it is skipped. The server starts on 127.0.0.1 with a studies folder
 of 3T volumes; ``POST /infer/<bundle>`` must return the synthetic 7T NIfTI that the bundle's own inference
-workflow writes for the same input.
+workflow writes for the same input, and refuse with status 400, quoting no file, a request that names a file
+outside the studies folder (the rule itself is tested in CI by ``tests/test_monailabel_paths.py``).
 """
 
 from __future__ import annotations
@@ -41,15 +42,25 @@ def _get(url: str) -> bytes:
         return response.read()
 
 
+SECRET = "alpha:x:0:0:bravo:/home/charlie:/bin/delta\n"  # a text file's content, never to be quoted back
+
+
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path, tiny_diffusion_dataset: Path) -> Path:
-    """A tiny test subject's 3T T1w, and the first tiny diffusion test subject's 3T T1w and 3T ADC map."""
+    """A tiny test subject's 3T T1w; the first tiny diffusion test subject's 3T T1w and 3T ADC map; the second's 3T
+    T1w, diffusion series and b-vectors, with a text file of other content beside them; and ``linked_adc``, a symlink
+    to the first subject's ADC map in the dataset folder, outside the studies."""
     folder = tmp_path_factory.mktemp("studies")
     t1w_item = json.loads((tiny_dataset / "datalist.json").read_text())["test"][0]
     shutil.copy(tiny_dataset / t1w_item["image"], folder / "t1w_3t.nii.gz")
-    item = json.loads((tiny_diffusion_dataset / "datalist.json").read_text())["test"][0]
+    item, series = json.loads((tiny_diffusion_dataset / "datalist.json").read_text())["test"]
     shutil.copy(tiny_diffusion_dataset / item["t1w"], folder / "vct_t1w.nii.gz")
     shutil.copy(tiny_diffusion_dataset / item["adc"], folder / "vct_adc.nii.gz")
+    (folder / "linked_adc.nii.gz").symlink_to(tiny_diffusion_dataset / item["adc"])
+    shutil.copy(tiny_diffusion_dataset / series["t1w"], folder / "vct2_t1w.nii.gz")
+    shutil.copy(tiny_diffusion_dataset / series["dwi"], folder / "vct2_dwi.nii.gz")
+    shutil.copy(tiny_diffusion_dataset / series["bvec"], folder / "vct2_dwi.bvec")
+    (folder / "notes.txt").write_text(SECRET)
     return folder
 
 
@@ -98,6 +109,14 @@ def _synthesize(url: str, model: str, image: str, destination: Path, params: dic
     return destination
 
 
+def _refusal(url: str, model: str, image: str, params: dict | None = None) -> str:
+    """The detail of the status 400 that the request must get."""
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(_infer(url, model, image, params), timeout=600)
+    assert caught.value.code == 400
+    return json.loads(caught.value.read())["detail"]
+
+
 def test_info_lists_every_bundle(server: str) -> None:
     info = json.loads(_get(f"{server}/info/"))
     assert set(info["models"]) == {"watnet", "gan_unet_t1w7t", "vct_adc7t"}
@@ -126,7 +145,38 @@ def test_vct_served_with_adc_from_params_matches_bundle_inference(server: str, s
 
 
 def test_vct_request_without_adc_fails_naming_it(server: str) -> None:
-    with pytest.raises(urllib.error.HTTPError) as caught:
-        urllib.request.urlopen(_infer(server, "vct_adc7t", "vct_t1w"), timeout=600)
-    assert caught.value.code == 400
-    assert "missing 'adc' (needs t1w, adc (or dwi + bval + bvec))" in caught.value.read().decode()
+    assert "missing 'adc' (needs t1w, adc (or dwi + bval + bvec))" in _refusal(server, "vct_adc7t", "vct_t1w")
+
+
+SERIES = {"dwi": "vct2_dwi", "bvec": "vct2_dwi.bvec"}
+
+
+@pytest.mark.parametrize(
+    "model, image, params, key",
+    [
+        ("vct_adc7t", "vct2_t1w", {**SERIES, "bval": "../../etc/passwd"}, "bval"),
+        ("vct_adc7t", "vct2_t1w", {**SERIES, "bval": "/etc/passwd"}, "bval"),
+        ("vct_adc7t", "vct2_t1w", {**SERIES, "bval": "/etc/no_such_file"}, "bval"),  # same answer as an existing one
+        ("vct_adc7t", "vct_t1w", {"adc": "linked_adc"}, "adc"),  # an image id, but a symlink out of the folder
+        ("vct_adc7t", "vct_t1w", {"adc": "vct_adc", "mask": "../../../../etc/hostname"}, "mask"),
+        ("watnet", "../../../../../../etc/passwd", None, "image"),
+        ("watnet", "t1w_3t", {"image": "/etc/passwd"}, "image"),
+    ],
+)
+def test_paths_outside_the_studies_folder_are_refused_naming_the_key_only(server, model, image, params, key) -> None:
+    detail = _refusal(server, model, image, params)
+    assert detail == (
+        f"'{key}': not an image id or a file of the studies folder; name one by its id or by a path inside the "
+        "studies folder."
+    )
+
+
+def test_weights_other_than_the_bundles_are_refused(server: str) -> None:
+    detail = _refusal(server, "watnet", "t1w_3t", {"model_filename": "../../../../../../etc/passwd"})
+    assert detail == "'model_filename': expected one of the bundle's model files ['model.pt']."
+
+
+def test_a_diffusion_file_that_is_not_numbers_is_refused_without_quoting_it(server: str, studies: Path) -> None:
+    detail = _refusal(server, "vct_adc7t", "vct2_t1w", {**SERIES, "bval": "notes.txt"})
+    assert detail == f"{(studies / 'notes.txt').resolve()}: line 1: value 1 is not a number."
+    assert not any(word in detail for word in ("alpha", "bravo", "charlie", "delta", "root:"))

@@ -1,6 +1,7 @@
-"""Release archives as a user gets them (scripts/build_release.py, `make release`, README "Deploy"): built, served
-over HTTP, fetched with `python -m monai.bundle download` (and `download_large_files`), and run from the unpacked
-folder by a Python that cannot import the repository's synth7t, which the venv has installed in editable mode."""
+"""Release archives as a user gets them (scripts/build_release.py, `make release`, README "Deploy"): built with their
+SHA-256, served over HTTP, checked with `sha256sum -c` and unpacked with `python -m monai.bundle download` (and
+`download_large_files`, whose entries must all carry their hash), and run from the unpacked folder by a Python that
+cannot import the repository's synth7t, which the venv has installed in editable mode."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import functools
 import hashlib
 import json
 import os
+import re
 import runpy
+import shutil
 import subprocess
 import sys
 import threading
@@ -16,6 +19,7 @@ import zipfile
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.request import urlretrieve
 
 import nibabel as nib
 import numpy as np
@@ -118,6 +122,8 @@ def test_archive_holds_the_bundle_and_the_vendored_package(tmp_path):
     assert not any(name.startswith(("runs/", "large_files")) for name in bundle)
     again = Path(main(bundles="watnet", output_dir=str(tmp_path / "again"))[0])
     assert again.read_bytes() == archive.read_bytes()  # same files, same archive
+    assert sorted(path.name for path in archive.parent.iterdir()) == [archive.name, f"{archive.name}.sha256"]
+    assert Path(f"{archive}.sha256").read_text() == f"{sha256(archive)}  {archive.name}\n"
 
 
 def test_fetching_needs_a_url_and_a_file_some_bundle_has(tmp_path):
@@ -187,3 +193,97 @@ def test_large_files_are_fetched_and_hash_checked(release_server, tmp_path):
     with pytest.raises(HashCheckError):
         download_large_files(bundle_path=str(bundle_folder))
     assert not (bundle_folder / "models" / "model.pt").exists()
+
+
+# README "Deploy": the archive and its .sha256 downloaded, the hash checked, and only then the archive unpacked
+VERIFIED_DOWNLOAD = (
+    "sha256sum -c {zip}.sha256 && python -m monai.bundle download --name {bundle} --url file://$PWD/{zip} "
+    "--bundle_dir $PWD"
+)
+
+
+@pytest.mark.parametrize("altered", [False, True], ids=["as released", "altered on the server"])
+def test_archive_is_unpacked_only_when_its_hash_matches(altered, release_server, tmp_path):
+    served, url = release_server
+    archive = build("watnet", served / ("altered" if altered else "checked"))
+    if altered:
+        with zipfile.ZipFile(archive, "a") as changed:
+            changed.writestr("watnet/configs/altered.yaml", "a file the release did not have\n")
+    for name in (archive.name, f"{archive.name}.sha256"):  # what `curl -O` does in the README
+        urlretrieve(f"{url}/{archive.parent.name}/{name}", tmp_path / name)
+    command = VERIFIED_DOWNLOAD.format(zip=archive.name, bundle="watnet")
+    result = run(["bash", "-c", command], cwd=tmp_path, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    if altered:
+        assert result.returncode != 0 and f"{archive.name}: FAILED" in result.stdout
+        assert not (tmp_path / "watnet").exists()
+    else:
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"{archive.name}: OK" in result.stdout
+        assert (tmp_path / "watnet" / "configs" / "inference.yaml").read_bytes() == (
+            REPOSITORY / "bundles" / "watnet" / "configs" / "inference.yaml"
+        ).read_bytes()
+
+
+def bundle_copy(folder: Path, large_files: object) -> Path:
+    """A copy of the watnet bundle (what a release takes of it) with ``large_files`` as its own large_files.yml."""
+    bundle_dir = folder / "watnet"
+    for part in ("LICENSE", "configs", "docs", "models/model.pt"):
+        source, target = REPOSITORY / "bundles" / "watnet" / part, bundle_dir / part
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target)
+        else:
+            shutil.copyfile(source, target)
+    (bundle_dir / "large_files.yml").write_text(yaml.safe_dump(large_files))
+    return bundle_dir
+
+
+LISTED = {"path": "models/extra.pt", "url": "http://127.0.0.1:1/extra.pt", "hash_val": "0" * 64, "hash_type": "sha256"}
+
+
+@pytest.mark.parametrize(
+    "large_files, problem",
+    [
+        ({"large_files": [{**LISTED, "hash_val": ""}]}, r"large_files\[0\] \(models/extra.pt\) has no hash_val"),
+        ({"large_files": [{k: v for k, v in LISTED.items() if k != "hash_val"}]}, r"\(models/extra.pt\) has no hash_"),
+        ({"large_files": [{**LISTED, "hash_val": None, "url": " "}]}, r"has no url, hash_val: every large file needs"),
+        ({"large_files": [LISTED, "models/other.pt"]}, r"large_files\[1\] has no path, url, hash_val"),
+        ({"large_files": [LISTED, LISTED]}, r"large_files\[1\] \(models/extra.pt\): the path is listed twice"),
+        ({"files": [LISTED]}, r"'large_files' must be a list of entries"),
+    ],
+)
+def test_a_bundle_listing_a_large_file_without_its_hash_is_refused(large_files, problem, tmp_path):
+    bundle_dir = bundle_copy(tmp_path, large_files)
+    listed_large_files = runpy.run_path(str(BUILD_RELEASE))["listed_large_files"]
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(bundle_dir / 'large_files.yml'))}: .*{problem}"):
+        listed_large_files(bundle_dir)
+
+
+def test_listed_and_fetched_large_files_are_written_with_their_hashes(release_server, tmp_path):
+    """The bundle's own entry (a file served elsewhere) and a fetched file, in one large_files.yml; both are fetched
+    and checked by `download_large_files`. The fetched file may not also be listed."""
+    served, url = release_server
+    (served / "elsewhere").mkdir()
+    (served / "elsewhere" / "extra.pt").write_bytes(b"weights hosted elsewhere")
+    listed = {**LISTED, "url": f"{url}/elsewhere/extra.pt", "hash_val": sha256(served / "elsewhere" / "extra.pt")}
+    release = runpy.run_path(str(BUILD_RELEASE))
+    bundle_files, listed_large_files = release["bundle_files"], release["listed_large_files"]
+    build_bundle = release["build_bundle"]
+    bundle_dir = bundle_copy(tmp_path / "source", {"large_files": [listed]})
+    output_dir, base_url = served / "listed", f"{url}/listed"
+    (bundle_dir / "models" / "extra.pt").write_bytes(b"a local copy, fetched as well as listed")
+    with pytest.raises(ValueError, match=r"\(models/extra.pt\): the path is listed twice"):
+        build_bundle(bundle_dir, bundle_files(bundle_dir), output_dir, ["models/extra.pt"], base_url,
+                     listed_large_files(bundle_dir))  # fmt: skip
+    assert not output_dir.exists()
+    (bundle_dir / "models" / "extra.pt").unlink()
+    archive = build_bundle(bundle_dir, bundle_files(bundle_dir), output_dir, ["models/model.pt"], base_url,
+                           listed_large_files(bundle_dir))  # fmt: skip
+    monai_download(name="watnet", url=f"{url}/listed/{archive.name}", bundle_dir=str(tmp_path / "deploy"))
+    bundle_folder = tmp_path / "deploy" / "watnet"
+    entries = yaml.safe_load((bundle_folder / "large_files.yml").read_text())["large_files"]
+    assert [entry["path"] for entry in entries] == ["models/extra.pt", "models/model.pt"]
+    assert entries[0] == listed and all(entry["hash_val"] for entry in entries)
+    download_large_files(bundle_path=str(bundle_folder))
+    assert sha256(bundle_folder / "models" / "extra.pt") == listed["hash_val"]
+    assert sha256(bundle_folder / "models" / "model.pt") == sha256(bundle_dir / "models" / "model.pt")

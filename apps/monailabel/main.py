@@ -10,7 +10,8 @@ MONAI Label's own ``BundleInferTask``, which reads the bundle's ``inference.yaml
 ``preprocessing``, ``inferer``, ``postprocessing``) and ``models/model.pt``; :class:`SynthesisInferTask` adapts it to
 image synthesis (a float image is written, not a label map) and to bundles with several inputs (``vct_adc7t``: the
 study image is the 3T T1w; the 3T ADC map, or the diffusion series ``dwi`` + ``bval`` + ``bvec``, comes in the
-request's ``params`` as an image id of the same studies folder or a path).
+request's ``params`` as an image id of the same studies folder or a path inside it). Every input of a request is
+confined to the studies folder (``request_paths``): a path that leads out of it is refused with status 400.
 
 Options (``--conf <name> <value>``):
     models: comma-separated bundle names, or ``all`` (default) for every bundle folder under ``bundles``.
@@ -35,6 +36,12 @@ from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.transform.writer import Writer
+from request_paths import (  # this folder, which MONAI Label puts on sys.path
+    RequestPathError,
+    check_device,
+    check_model_filename,
+    confine_request_paths,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +60,15 @@ class SynthesisInferTask(BundleInferTask):
 
     - The study image is the bundle's first input (``image``, or ``t1w`` for ``vct_adc7t``); its other inputs are
       taken from the request under their datalist keys. The request is validated as a datalist item
-      (``synth7t.data.check_item``) before any compute, so a missing or unreadable input fails with one message.
+      (``synth7t.data.check_item``) before any compute, so a missing or unreadable input fails with one message;
+      :class:`Synth7TApp` has already resolved its paths to real paths inside the studies folder ``studies``.
     - The bundle's ``postprocessing`` already maps the prediction back (onto the input grid for the T1w bundles, the
       7T grid over the input's field of view for ``vct_adc7t``), so MONAI Label's ``Restored`` resize is not added;
       its ``SaveImaged`` is dropped and MONAI Label's writer returns the volume as float32 NIfTI.
     """
 
-    def __init__(self, path: str, conf: dict[str, str]) -> None:
+    def __init__(self, path: str, conf: dict[str, str], studies: str) -> None:
+        self.studies = studies
         super().__init__(
             path,
             conf,
@@ -75,6 +84,10 @@ class SynthesisInferTask(BundleInferTask):
             config.get_parsed_content("datalist_keys") if "datalist_keys" in config else {"image_keys": ["image"]}
         )
         self.primary_key: str = self.datalist_keys["image_keys"][0]
+
+    def model_files(self) -> list[str]:
+        """The names of the bundle's ``models/*.pt``, the values ``BundleInferTask`` offers for ``model_filename``."""
+        return list(self._config["model_filename"])
 
     def extra_input_keys(self) -> list[str]:
         """Keys of the bundle's inputs other than the study image, that a request may carry."""
@@ -92,7 +105,7 @@ class SynthesisInferTask(BundleInferTask):
         item = {self.primary_key: study_image, **{key: data[key] for key in self.extra_input_keys() if key in data}}
         check_item = _synth7t("data").check_item
         where = f"MONAI Label request to {os.path.basename(self.bundle_path)}"
-        data.update(check_item(item, where, os.getcwd(), **self.datalist_keys))
+        data.update(check_item(item, where, self.studies, **self.datalist_keys))
 
     def writer(self, data: dict[str, Any], extension: str | None = None, dtype: Any = None) -> tuple[Any, Any]:
         data[self.output_label_key] = data[self.output_label_key][0]  # (1, *spatial) -> a 3-D NIfTI
@@ -115,20 +128,24 @@ class Synth7TApp(MONAILabelApp):
         super().__init__(app_dir, studies, conf, name="synth7t", description="3T to 7T MRI synthesis bundles")
 
     def init_infers(self) -> dict[str, InferTask]:
-        return {name: SynthesisInferTask(str(self.bundles_dir / name), self.conf) for name in self.models}
+        return {name: SynthesisInferTask(str(self.bundles_dir / name), self.conf, self.studies) for name in self.models}
 
     def infer(self, request: dict[str, Any], datastore: Any = None) -> dict[str, Any]:
-        """Resolves the extra inputs given as image ids of the studies folder to their paths, then infers; bad input
-        is answered with status 400 and the message naming the file or key and the problem."""
+        """Resolves the study image and the extra inputs (image ids of the studies folder or paths inside it) to
+        their real paths, refusing any that leads out of the folder (and a ``model_filename`` other than the
+        bundle's own), then infers; a refused path or bad input is answered with status 400 and the message naming
+        the key or file and the problem. The study image is then a path, for which ``MONAILabelApp.infer`` saves no
+        label: a request's ``save_label`` and ``label_tag`` cannot have the synthetic volume copied anywhere."""
         task = self._infers.get(request.get("model"))
+        keys, model_files = ["image"], []
         if isinstance(task, SynthesisInferTask) and task.valid:
-            store = datastore if datastore else self.datastore()
-            request = dict(request)
-            for key in task.extra_input_keys():
-                value = request.get(key)
-                if isinstance(value, str) and not os.path.exists(value) and value in store.list_images():
-                    request[key] = store.get_image_uri(value)
+            keys += [task.primary_key, *task.extra_input_keys()]
+            model_files = task.model_files()
+        store = datastore if datastore else self.datastore()
         try:
+            request = confine_request_paths(request, keys, self.studies, store.get_image_uri)
+            check_model_filename(request, model_files)
+            check_device(request)
             return super().infer(request, datastore)
-        except _synth7t("errors").InputError as error:  # bad input: the client gets the message, not a bare 500
+        except (RequestPathError, _synth7t("errors").InputError) as error:  # the client gets the message, not a 500
             raise HTTPException(status_code=400, detail=str(error)) from error
