@@ -11,19 +11,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from monai.bundle import ConfigWorkflow
 
-from synth7t import data, losses, networks, transforms
+from synth7t import data, losses, networks, outputs, transforms
 from synth7t.errors import InputError
 
 __all__ = [
     "BadInput",
     "bundle_root",
+    "check_absent",
+    "check_device",
+    "check_output_dir",
+    "check_training_outputs",
     "encode_subject_context",
     "load_datalist",
     "load_vit_checkpoint",
+    "prediction_paths",
     "radimagenet_perceptual_loss",
     "require_file",
+    "require_training_checkpoint",
     "stop_on_bad_input",
 ]
 
@@ -101,6 +108,10 @@ load_datalist = stop_on_bad_input(data.load_datalist)
 encode_subject_context = stop_on_bad_input(transforms.encode_subject_context)
 radimagenet_perceptual_loss = stop_on_bad_input(losses.radimagenet_perceptual_loss)
 load_vit_checkpoint = stop_on_bad_input(networks.load_vit_checkpoint)
+prediction_paths = stop_on_bad_input(outputs.prediction_paths)
+check_absent = stop_on_bad_input(outputs.check_absent)
+check_output_dir = stop_on_bad_input(outputs.check_output_dir)
+check_training_outputs = stop_on_bad_input(outputs.check_training_outputs)
 
 
 def require_file(path: str | os.PathLike, what: str) -> str:
@@ -108,3 +119,52 @@ def require_file(path: str | os.PathLike, what: str) -> str:
     if not Path(path).is_file():
         raise BadInput(InputError(f"{path}: {what} not found."))
     return str(path)
+
+
+TRAINING_CHECKPOINT_KEYS = ("model", "optimizer", "trainer")
+
+
+def require_training_checkpoint(path: str | os.PathLike | None) -> str | None:
+    """``path`` if it is a checkpoint a training run wrote (it holds the network, the optimizer and the trainer's
+    epoch), else stop with :class:`BadInput` naming it; ``None`` (no resume) passes. Read once here, on the CPU, so
+    a wrong file (a ``model.pt``, which holds weights only) is refused before any data is loaded."""
+    if path is None:
+        return None
+    require_file(path, "checkpoint to resume from")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for files that are not checkpoints
+        raise BadInput(InputError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}).")) from None
+    missing = [key for key in TRAINING_CHECKPOINT_KEYS if not isinstance(content, dict) or key not in content]
+    if missing:
+        raise BadInput(
+            InputError(
+                f"{path}: not a training checkpoint (it lacks {', '.join(missing)}); resume from a checkpoint_*.pt "
+                "that a training run wrote, not from the weights of a model.pt."
+            )
+        )
+    return str(path)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``, or stop with :class:`BadInput` when it is not on this machine (CUDA asked
+    for without a CUDA GPU or with a CPU-only torch, or a GPU index beyond the count)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise BadInput(InputError(f"device {device!r} is not a torch device name ({error}).")) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BadInput(
+                InputError(
+                    f"device {device} is not available here: torch finds no CUDA GPU (torch {torch.__version__}); "
+                    "pass --device cpu."
+                )
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise BadInput(
+                InputError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0.")
+            )
+    elif device.type not in ("cpu", "mps") or (device.type == "mps" and not torch.backends.mps.is_available()):
+        raise BadInput(InputError(f"device {device} is not available here; pass --device cpu or --device cuda."))
+    return device

@@ -10,6 +10,7 @@ histogram matching of both images to a reference 7T) or the realistic recipe of
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from synth7t.transforms.degradation import SEED001_REFERENCE_SUBJECT
 __all__ = [
     "RECIPES",
     "input_and_output_folders",
+    "merge_datalists",
     "prepare_pairs",
     "read_volumes",
     "simulate_pair",
@@ -244,3 +246,50 @@ def prepare_pairs(
             (output / f"datalist_fold{held_out}.json").write_text(json.dumps(fold, indent=2) + "\n")
     datalist_path.write_text(json.dumps(datalist, indent=2) + "\n")
     return datalist_path
+
+
+def merge_datalists(output: str | os.PathLike, folders: Sequence[str | os.PathLike], overwrite: bool = False) -> Path:
+    """One datalist over several prepared folders (one per recipe), for training one model on all of them.
+
+    ``validation`` and ``test`` hold the items of every folder's lists, each item gaining ``"recipe"`` (from the
+    folder's ``preparation.json``), so a model is selected and reported under every recipe; ``training`` holds the
+    first folder's training items only, since degradation-randomized training simulates its 3T inputs from the 7T
+    targets itself and the folders share their subjects. Paths are made relative to the datalist's own folder, so
+    that folder is the ``dataset_dir``. Every folder's datalist is read and its subjects checked to agree before
+    ``output`` is written.
+
+    Args:
+        output: the merged datalist's path (e.g. ``data/tell7t_recipes.json``); not replaced unless ``overwrite``.
+        folders: prepared folders (:func:`prepare_pairs`), each holding ``datalist.json``; a list or comma-separated.
+    """
+    output = Path(output)
+    folders = [Path(f) for f in (_as_subject_list(folders) if isinstance(folders, str) else folders)]
+    if output.exists() and not overwrite:
+        raise InputError(f"{output}: already exists; pass overwrite=True to replace it.")
+    if not folders:
+        raise InputError("merge_datalists needs at least one prepared folder.")
+    lists = []
+    for folder in folders:
+        path = folder / "datalist.json"
+        if not path.is_file():
+            raise InputError(f"{path}: datalist file not found (run scripts/prepare_data.py first).")
+        lists.append(json.loads(path.read_text()))
+    subjects = [sorted(item["subject"] for split in content.values() for item in split) for content in lists]
+    if any(names != subjects[0] for names in subjects):
+        raise InputError(f"the folders {[str(f) for f in folders]} do not hold the same subjects.")
+
+    def recipe(folder: Path) -> str:
+        provenance = folder / "preparation.json"
+        return json.loads(provenance.read_text())["recipe"] if provenance.is_file() else folder.name
+
+    def relocated(item: dict, folder: Path) -> dict:
+        paths = {k: os.path.relpath(folder / v, output.parent.resolve()) for k, v in item.items() if k != "subject"}
+        return {**item, **paths, "recipe": recipe(folder)}
+
+    folders = [f.resolve() for f in folders]
+    merged = {"training": [relocated(item, folders[0]) for item in lists[0].get("training", [])]}
+    for split in ("validation", "test"):
+        merged[split] = [relocated(item, f) for f, content in zip(folders, lists) for item in content.get(split, [])]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(merged, indent=2) + "\n")
+    return output

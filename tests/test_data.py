@@ -324,11 +324,16 @@ def test_first_bad_item_reported_with_index(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 VCT = {"image_keys": ["t1w", "adc"], "alternatives": {"adc": ["dwi", "bval", "bvec"]}}
-BVALS = [0, 1000, 1000, 1000]
-BVECS = [[0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+BVALS = [0, 1000, 1000, 1000, 1000, 1000, 1000]
+_DIAGONAL = 0.5**0.5
+BVECS = [  # six non-collinear directions: what the tensor fit of ComputeADCd's default method needs
+    [0, 1, 0, 0, _DIAGONAL, _DIAGONAL, 0],
+    [0, 0, 1, 0, _DIAGONAL, 0, _DIAGONAL],
+    [0, 0, 0, 1, 0, _DIAGONAL, _DIAGONAL],
+]
 
 
-def _dwi_item(tmp_path: Path, bvals=BVALS, bvecs=BVECS, n_volumes: int = 4) -> dict:
+def _dwi_item(tmp_path: Path, bvals=BVALS, bvecs=BVECS, n_volumes: int = 7) -> dict:
     _nifti(tmp_path / "t1w.nii.gz", _volume(1))
     _nifti(tmp_path / "adc7t.nii.gz", _volume(2))
     series = np.stack([_volume(10 + i) for i in range(n_volumes)], axis=-1)
@@ -360,13 +365,13 @@ def test_diffusion_incomplete_alternative_asks_for_adc(tmp_path):
 
 
 def test_diffusion_bval_count_mismatch(tmp_path):
-    item = _dwi_item(tmp_path, bvals=[0, 1000, 1000])
+    item = _dwi_item(tmp_path, bvals=BVALS[:3])
     message = _raises(tmp_path, [item], str(tmp_path / "dwi.nii.gz"), str(tmp_path / "dwi.bval"), **VCT)
-    assert "4 volumes" in message and "3 b-values" in message
+    assert "7 volumes" in message and "3 b-values" in message
 
 
 def test_diffusion_no_b0(tmp_path):
-    item = _dwi_item(tmp_path, bvals=[1000, 1000, 1000, 1000])
+    item = _dwi_item(tmp_path, bvals=[1000] * 7)
     _raises(tmp_path, [item], str(tmp_path / "dwi.bval"), "no b=0", **VCT)
 
 
@@ -381,6 +386,12 @@ def test_diffusion_bvec_count_mismatch(tmp_path):
     _raises(tmp_path, [item], str(tmp_path / "dwi.bvec"), "b-vectors", **VCT)
 
 
+def test_diffusion_series_with_fewer_than_six_directions(tmp_path):
+    """Three directions suffice for a shell average, not for the tensor that the bundles fit by default."""
+    item = _dwi_item(tmp_path, bvals=BVALS[:4], bvecs=[[0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], n_volumes=4)
+    _raises(tmp_path, [item], str(tmp_path / "dwi.bvec"), "6 non-collinear directions", **VCT)
+
+
 def test_diffusion_series_must_be_4d(tmp_path):
     item = _dwi_item(tmp_path)
     _nifti(tmp_path / "dwi.nii.gz", _volume(3))
@@ -389,7 +400,7 @@ def test_diffusion_series_must_be_4d(tmp_path):
 
 def test_diffusion_series_on_another_grid(tmp_path):
     item = _dwi_item(tmp_path)
-    _nifti(tmp_path / "dwi.nii.gz", np.stack([_volume(i, (12, 10, 7)) for i in range(4)], axis=-1))
+    _nifti(tmp_path / "dwi.nii.gz", np.stack([_volume(i, (12, 10, 7)) for i in range(7)], axis=-1))
     _raises(tmp_path, [item], str(tmp_path / "dwi.nii.gz"), "shape", **VCT)
 
 

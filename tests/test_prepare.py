@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from synth7t.data import InputError, load_datalist
-from synth7t.prepare import prepare_pairs, split_subjects, subject_id
+from synth7t.prepare import merge_datalists, prepare_pairs, split_subjects, subject_id
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (24, 20, 16)
@@ -400,3 +400,18 @@ def test_cli_split_flags_as_documented(inputs, tmp_path, monkeypatch):
     assert [e["subject"] for e in datalist["test"]] == ["sub-XX05"]
     assert [e["subject"] for e in datalist["validation"]] == ["sub-XX01", "sub-XX02"]
     assert [e["subject"] for e in datalist["training"]] == ["sub-XX03", "sub-XX04"]
+
+
+def test_merge_datalists_spans_both_recipes(realistic, seed001, tmp_path):
+    merged_path = merge_datalists(tmp_path / "merged" / "recipes.json", [realistic, seed001])
+    merged = json.loads(merged_path.read_text())
+    assert [item["recipe"] for item in merged["validation"]] == ["realistic", "seed001"]
+    assert len(merged["test"]) == 4 and {item["recipe"] for item in merged["training"]} == {"realistic"}
+    # paths relative to the merged datalist's folder: it is the dataset_dir
+    for split in ("training", "validation", "test"):
+        items = load_datalist(merged_path, split, merged_path.parent, image_keys=[], target_keys=["label"])
+        assert all(Path(item["label"]).is_file() for item in items)
+    with pytest.raises(InputError, match="already exists"):
+        merge_datalists(merged_path, [realistic, seed001])
+    with pytest.raises(InputError, match="datalist file not found"):
+        merge_datalists(tmp_path / "other.json", [realistic, tmp_path / "missing"])
