@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from synth7t.outputs import temporary_path  # noqa: E402
+
 __all__ = ["comparison_figure"]
 
 VIEWS = ("axial", "coronal", "sagittal")
@@ -38,30 +40,36 @@ def comparison_figure(
     title: str = "",
 ) -> Path:
     """Write a PNG with one row per view (axial, coronal, sagittal) and the columns
-    3T input | synthetic 7T | real 7T | |synthetic - real|.
+    3T input | synthetic 7T | real 7T | |3T input - real| | |synthetic - real|.
 
-    All arrays are ``(X, Y, Z)`` in RAS orientation and [0, 1] units; the error map's colour scale runs to the
-    99.5th percentile of the error inside ``mask``. Returns the path written.
+    All arrays are ``(X, Y, Z)`` in RAS orientation and [0, 1] units. The two error maps share one colour scale,
+    running to the 99.5th percentile of the input's error inside ``mask``, so the error the model removes shows as
+    the difference between them. Returns the path written (atomically: a temporary file renamed into place).
     """
     centre = _centre_of(mask > 0)
-    error = np.abs(pred - target)
-    error_max = float(np.percentile(error[mask > 0], 99.5)) or 1.0
-    columns = (("3T input", image, "gray", 1.0), ("synthetic 7T", pred, "gray", 1.0), ("real 7T", target, "gray", 1.0))
-    fig, axes = plt.subplots(len(VIEWS), 4, figsize=(13, 10), squeeze=False)
+    errors = {"|3T input - real|": np.abs(image - target), "|synthetic - real|": np.abs(pred - target)}
+    error_max = float(np.percentile(errors["|3T input - real|"][mask > 0], 99.5)) or 1.0
+    images = (("3T input", image), ("synthetic 7T", pred), ("real 7T", target))
+    fig, axes = plt.subplots(len(VIEWS), 5, figsize=(16, 10), squeeze=False)
     for row, view in enumerate(VIEWS):
-        for col, (name, volume, cmap, vmax) in enumerate(columns):
-            axes[row, col].imshow(_section(volume, view, centre), cmap=cmap, vmin=0.0, vmax=vmax)
+        for col, (name, volume) in enumerate(images):
+            axes[row, col].imshow(_section(volume, view, centre), cmap="gray", vmin=0.0, vmax=1.0)
             axes[row, col].set_title(f"{name}, {view}" if row == 0 else view, fontsize=9)
-        shown = axes[row, 3].imshow(_section(error, view, centre), cmap="inferno", vmin=0.0, vmax=error_max)
-        axes[row, 3].set_title("|synthetic - real|" if row == 0 else view, fontsize=9)
-        fig.colorbar(shown, ax=axes[row, 3], fraction=0.046, pad=0.04)
+        for col, (name, error) in enumerate(errors.items(), start=len(images)):
+            shown = axes[row, col].imshow(_section(error, view, centre), cmap="inferno", vmin=0.0, vmax=error_max)
+            axes[row, col].set_title(name if row == 0 else view, fontsize=9)
+        fig.colorbar(shown, ax=axes[row, len(images) :].tolist(), fraction=0.046, pad=0.02)
     for axis in axes.flat:
         axis.axis("off")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    temporary = temporary_path(path)
+    try:
+        fig.savefig(temporary, dpi=90, format="png")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+        plt.close(fig)
     return path

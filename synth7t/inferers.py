@@ -13,7 +13,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from monai.inferers import Inferer
-from monai.utils import convert_to_dst_type, convert_to_tensor
+from monai.utils import convert_to_dst_type, convert_to_tensor, optional_import
+
+tqdm, _ = optional_import("tqdm", name="tqdm")
 
 __all__ = ["SlabInferer"]
 
@@ -37,6 +39,8 @@ class SlabInferer(Inferer):
         append_slice_position: give the network a ``context`` keyword whose last entry is the position of the
             slab's centre slice, ``linspace(-0.5, 0.5, Z)[z]`` (the coordinate MONAI's ``AddCoordinateChannels`` gives
             the training slabs), after the ``context`` passed to this inferer, if any.
+        progress: show a ``tqdm`` progress bar over each volume's batches of slabs, as MONAI's
+            ``SlidingWindowInferer(progress=True)`` does over its windows.
 
     A ``context`` keyword of shape ``(B, D)`` (per-volume conditioning, e.g. age, sex, diagnosis) is given to the
     network for every slab of volume ``b`` as ``context[b]``.
@@ -53,9 +57,11 @@ class SlabInferer(Inferer):
         batch_size: int = 16,
         padding_mode: str = "replicate",
         append_slice_position: bool = False,
+        progress: bool = False,
     ) -> None:
         super().__init__()
         self.append_slice_position = append_slice_position
+        self.progress = progress
         if slab_size < 1 or slab_size % 2 == 0:
             raise ValueError(f"slab_size must be a positive odd number, got {slab_size}.")
         if output not in ("slab", "center"):
@@ -103,7 +109,8 @@ class SlabInferer(Inferer):
     ) -> torch.Tensor:
         channels, height, width, depth, k = slabs.shape
         total: torch.Tensor | None = None
-        for start in range(0, depth, self.batch_size):
+        starts = range(0, depth, self.batch_size)
+        for start in tqdm(starts, desc="slabs", unit="batch", leave=False) if self.progress else starts:
             stop = min(start + self.batch_size, depth)
             batch = slabs[:, :, :, start:stop].permute(3, 0, 4, 1, 2).reshape(stop - start, channels * k, height, width)
             slab_context = self._slab_context(context, start, stop, depth, batch.device)

@@ -6,7 +6,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 
-from synth7t.handlers import LossProgressBar, VolumeMetricsWriter, write_atomically
+from synth7t.handlers import LossProgressBar, VolumeMetricsWriter, gaussian_baseline, write_atomically
 from synth7t.metrics import volume_metrics
 
 
@@ -48,8 +48,34 @@ def test_volume_metrics_writer_rows_baseline_and_summary(tmp_path):
     header = rows[0].split(",")
     first = dict(zip(header, rows[1].split(",")))
     assert float(first["identity_psnr"]) == pytest.approx(expected["psnr"], rel=1e-5)
+    assert float(first["gaussian_sigma"]) in (0.3, 0.5, 0.7, 1.0) and "gaussian_ssim_brain" in header
     summary = json.loads((tmp_path / "metrics_summary.json").read_text())
-    assert summary["psnr"]["n"] == 2 and "subject" not in summary
+    assert summary["psnr"]["n"] == 2 and "subject" not in summary and summary["gaussian_psnr"]["n"] == 2
+
+
+def test_gaussian_baseline_picks_the_sigma_closest_to_the_target_and_masks_it():
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.nn.functional.avg_pool3d(torch.rand((1, 1, 40, 40, 40), generator=generator), 5, 1, 2)[0]
+    mask = torch.zeros_like(clean)
+    mask[:, 5:35, 5:35, 5:35] = 1
+    clean = clean * mask
+    noisy = clean + 0.2 * torch.randn(clean.shape, generator=generator)
+    sigma, smoothed = gaussian_baseline(noisy, clean, mask, sigmas=(0.3, 1.0))
+    assert sigma == 1.0  # strong noise on a smooth image: the wider filter wins
+    assert float(smoothed[mask == 0].abs().max()) == 0.0 and float(smoothed.min()) >= 0.0 and float(smoothed.max()) <= 1.0
+    assert float(((smoothed - clean) ** 2).mean()) < float(((noisy - clean) ** 2).mean())
+    sigma, _ = gaussian_baseline(clean + 0.001 * torch.randn(clean.shape, generator=generator), clean, mask, (0.3, 1.0))
+    assert sigma == 0.3  # almost clean: the narrower one wins
+
+
+def test_volume_metrics_writer_without_gaussian_baseline(tmp_path):
+    engine = Engine(lambda engine, batch: None)
+    writer = VolumeMetricsWriter(tmp_path, gaussian_sigmas=())
+    batch, output = _item(1, np.eye(4))
+    engine.state.batch, engine.state.output = [batch], [output]
+    writer.record(engine)
+    writer.write()
+    assert "gaussian_psnr" not in (tmp_path / "metrics.csv").read_text().splitlines()[0]
 
 
 def test_loss_progress_bar_shows_the_loss(capsys):

@@ -162,6 +162,10 @@ class AttentionResUNet(nn.Module):
             an unconditioned network (the thesis GAN generator).
         context_dim: length of the conditioning vector; required with cross-attention stages.
         use_flash_attention: use ``torch.nn.functional.scaled_dot_product_attention`` in the attention blocks.
+        global_residual: add the middle ``out_channels`` input channels (the slices the network predicts) to the
+            output, whose last conv then starts at zero: the network begins as the identity and learns the 3T-to-7T
+            change, as WATNet does. Not in the thesis (default False); a short training run reaches much further
+            from the identity than from a random output (the bundle's model card measures it).
     """
 
     def __init__(
@@ -175,9 +179,14 @@ class AttentionResUNet(nn.Module):
         cross_attention_stages: Sequence[int] | None = None,
         context_dim: int | None = None,
         use_flash_attention: bool = False,
+        global_residual: bool = False,
     ) -> None:
         super().__init__()
         widths = [channels * m for m in channel_mult]
+        if global_residual and out_channels > in_channels:
+            raise ValueError(f"global_residual needs out_channels <= in_channels, got {out_channels} > {in_channels}.")
+        self.residual_start = (in_channels - out_channels) // 2 if global_residual else -1
+        self.residual_stop = self.residual_start + out_channels
         stages = set(cross_attention_stages or ())
         bottleneck_stage = len(widths) + 1
         if not stages <= set(range(1, bottleneck_stage + 1)):
@@ -227,6 +236,9 @@ class AttentionResUNet(nn.Module):
         self.head = nn.Sequential(
             nn.GroupNorm(norm_num_groups, previous, eps=1e-6), nn.SiLU(), _conv(previous, out_channels)
         )
+        if global_residual:
+            for parameter in self.head[-1].parameters():
+                nn.init.zeros_(parameter)
 
     def _context_tokens(self, context: torch.Tensor | None) -> torch.Tensor | None:
         if self.context_dim is None:
@@ -257,4 +269,6 @@ class AttentionResUNet(nn.Module):
         h = self.bottleneck_out(h)
         for stage in self.decoder:
             h = stage(torch.cat([self.upsample(h), skips.pop()], dim=1), tokens)
-        return self.head(h)
+        if self.residual_start < 0:
+            return self.head(h)
+        return x[:, self.residual_start : self.residual_stop] + self.head(h)

@@ -144,6 +144,10 @@ class WATNet(nn.Module):
         variant: ``"original"`` (the authors' released network, spec watnet.md §11.1) or ``"seed"`` (the seed-001
             report's Keras network, §3.2). See the module docstring for the differences.
         features: width of the feature maps (64 in both).
+        zero_init_output: start the output conv at zero, so the network begins as the identity (its global
+            residual) instead of adding a large random residual to the input. Not in either source (default False:
+            Caffe "msra" / Keras HeNormal as they ran); with it a short training run does not spend its first
+            iterations unlearning the random residual (the bundle's model card measures it).
 
     Input ``(B, in_channels, H, W)`` with H and W divisible by 8 (three stride-2 levels); output the same shape,
     the input plus the predicted residual. The output is not clipped, as in both sources.
@@ -152,7 +156,9 @@ class WATNet(nn.Module):
     __constants__ = ["levels"]
     levels = 3
 
-    def __init__(self, in_channels: int = 3, variant: str = "original", features: int = 64) -> None:
+    def __init__(
+        self, in_channels: int = 3, variant: str = "original", features: int = 64, zero_init_output: bool = False
+    ) -> None:
         super().__init__()
         if variant not in _VARIANTS:
             raise ValueError(f"variant must be one of {sorted(_VARIANTS)}, got {variant!r}.")
@@ -211,6 +217,10 @@ class WATNet(nn.Module):
                 _conv3x3(features, features), activation(), _conv3x3(features, in_channels), nn.Tanh()
             )
         self._initialise(config.init)
+        if zero_init_output:
+            output_conv = self.output[-1] if config.output_head == "linear17" else self.output[-2]
+            nn.init.zeros_(output_conv.weight)
+            nn.init.zeros_(output_conv.bias)
 
     @staticmethod
     def _upsampler(kind: str, channels: int) -> nn.ConvTranspose2d:

@@ -14,6 +14,7 @@ from synth7t.transforms.degradation import (
     seed001_recipe,
 )
 from synth7t.transforms.diffusion import (
+    ADC_METHODS,
     ComputeADC,
     ComputeADCd,
     check_diffusion_series,
@@ -23,9 +24,11 @@ from synth7t.transforms.diffusion import (
 )
 from synth7t.transforms.gmm import RandGMMIntensity, RandGMMIntensityd
 from synth7t.transforms.intensity import NonzeroMask, NonzeroMaskd, PercentileScaleIntensity, PercentileScaleIntensityd
+from synth7t.transforms.randomization import QuantileHistogramMatch, RandSimulate3T, RandSimulate3Td
 from synth7t.transforms.slabs import SlabToChannels, SlabToChannelsd, slab_to_channels
 
 __all__ = [
+    "ADC_METHODS",
     "CONTEXT_FIELDS",
     "ComputeADC",
     "ComputeADCd",
@@ -41,6 +44,9 @@ __all__ = [
     "NonzeroMaskd",
     "PercentileScaleIntensity",
     "PercentileScaleIntensityd",
+    "QuantileHistogramMatch",
+    "RandSimulate3T",
+    "RandSimulate3Td",
     "RandGMMIntensity",
     "RandGMMIntensityd",
     "SlabToChannels",

@@ -1,0 +1,13 @@
+"""One datalist over prepared folders of several recipes (``synth7t.prepare.merge_datalists``): training items of the
+first folder, validation and test items of every folder, paths relative to the new datalist's folder.
+
+    python scripts/merge_datalists.py --output data/tell7t_recipes.json \
+        --folders data/tell7t_realistic,data/tell7t_seed001
+"""
+
+import fire
+
+from synth7t.prepare import merge_datalists
+
+if __name__ == "__main__":
+    fire.Fire(merge_datalists)
