@@ -98,3 +98,13 @@ monailabel-test: $(MONAILABEL_STAMP)
 .PHONY: bench
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+# `make gpu-check` (benchmarks/gpu_check.py, README "Benchmarks"): every GPU code path of the bundles run once with a
+# pass or fail (AMP, torch.compile, flash attention, torchrun over NCCL, TorchScript and ONNX Runtime parity,
+# whole-volume and VCT paper-scale timings), written to benchmarks/results/gpu.{json,md}; exits 1 when a case failed.
+# Without CUDA it runs the CPU smoke instead (toy sizes, the same functions), into a temporary folder so that committed
+# results stay; CI runs the smoke through tests/test_gpu_check.py. Options through GPU_CHECK_ARGS, e.g.
+# GPU_CHECK_ARGS="--bundles \"['vct_adc7t']\"" or GPU_CHECK_ARGS="--smoke --output_dir /tmp/smoke".
+.PHONY: gpu-check
+gpu-check: $(STAMP)
+	$(BIN)/python -m benchmarks.gpu_check $(GPU_CHECK_ARGS)

@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -121,3 +121,53 @@ def report_case(measure: Callable[..., dict[str, Any]], settings: tuple[str, ...
     case = json.loads(sys.argv[1])
     keywords = {key: case.pop(key) for key in settings if key in case}
     print(json.dumps(measure(case, **keywords)))
+
+
+def cuda_description() -> dict[str, Any] | None:
+    """The CUDA side of the machine (GPU model, compute capability, memory, CUDA, cuDNN and NCCL versions), or
+    ``None`` where torch finds no CUDA GPU: :func:`machine` names the GPU only."""
+    if not torch.cuda.is_available():
+        return None
+    properties = torch.cuda.get_device_properties(0)
+    distributed = torch.distributed.is_available()
+    nccl = torch.cuda.nccl.version() if distributed and torch.distributed.is_nccl_available() else None
+    return {
+        "gpu": properties.name,
+        "gpu_count": torch.cuda.device_count(),
+        "capability": f"{properties.major}.{properties.minor}",
+        "memory_gib": round(properties.total_memory / 2**30, 1),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "nccl": ".".join(str(part) for part in nccl) if isinstance(nccl, tuple) else nccl,
+    }
+
+
+def amp_training_step(
+    network: Callable[..., torch.Tensor],
+    loss_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    autocast: Any,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+) -> torch.Tensor:
+    """One training step as MONAI's ``SupervisedTrainer`` takes it with ``amp=True``: forward and loss under
+    ``autocast`` (a ``torch.autocast`` context, or ``contextlib.nullcontext()`` for float32), backward through
+    ``scaler`` (a disabled ``GradScaler`` passes gradients unscaled), optimizer step; returns the detached loss.
+
+    MONAI's trainer fixes ``torch.autocast("cuda")`` and a CUDA ``GradScaler``; this step takes any device and
+    precision, so a benchmark runs the same step on the CPU and on the GPU."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast:
+        loss = loss_function(network(inputs), targets)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A Markdown table of ``header`` and ``rows`` (cells written with ``str``; ``None`` as an empty cell)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join("" if cell is None else str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)

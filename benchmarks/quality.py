@@ -1,6 +1,6 @@
 """Quality of the shipped weights on held-out subjects, and the figures.
 
-- Each T1w bundle's ``evaluate.yaml`` on the ``test`` subjects of the TELL data
+- Each T1w bundle's evaluation (``train.yaml`` + ``evaluate.yaml``) on the ``test`` subjects of the TELL data
   prepared under both degradation recipes (README "Preparing training data": ``realistic`` and ``seed001``; the same
   held-out subjects, sub-TELL0106 and sub-TELL0107, never seen in training), next to the identity baseline (the 3T
   input scored as the prediction) and, for the seed-001 recipe, next to the seed's Table 1 (spec ``watnet.md`` §6.1:
@@ -36,7 +36,7 @@ RECIPES = {  # the README's preparation commands
     "realistic": [],
     "seed001": ["--recipe", "seed001", "--quantize_8bit", "True", "--leave_one_out", "True"],
 }
-EVALUATION_CONFIGS = ("evaluate.yaml", "inference_onnx.yaml")
+EVALUATION_CONFIGS = ("train.yaml", "evaluate.yaml", "inference_onnx.yaml")  # merged in this order
 COLUMNS = ("psnr", "ssim", "mae", "psnr_brain", "ssim_brain")
 SEED_TABLE_1 = {  # spec watnet.md §6.1, full precision (mean, std)
     "identity": {"mae": (0.012005, 0.004080), "psnr": (28.7586, 2.8865), "ssim": (0.94902, 0.01728)},

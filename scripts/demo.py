@@ -31,7 +31,7 @@ from nibabel.processing import resample_from_to
 from synth7t.diffusion_phantom import simulate_subject
 from synth7t.figures import comparison_figure
 from synth7t.metrics import volume_metrics
-from synth7t.transforms import PercentileScaleIntensity, fit_adc, read_fsl_bvals
+from synth7t.transforms import PercentileScaleIntensity, fit_adc, read_fsl_bvals, read_fsl_bvecs
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 SAMPLES = REPOSITORY / "samples"
@@ -123,20 +123,27 @@ def run_vct_demo(output_root: Path) -> dict[str, dict[str, float]]:
     anatomy = nib.load(SAMPLES / "mni152_t1w_7t.nii.gz")
     item = simulate_subject(np.asarray(anatomy.dataobj, np.float32), anatomy.affine, sample_dir, "mni152", seed=2009)
     inputs = {key: item[key] for key in ("t1w", "dwi", "bval", "bvec", "mask")}
-    runs = {"inferring": ("inference.yaml", inputs, output_dir), "evaluating": ("evaluate.yaml", item, sample_dir)}
-    for run_id, (config, datalist_item, out) in runs.items():
+    runs = {  # the evaluation is train.yaml with the evaluate.yaml overlay, as the MONAI model zoo runs it
+        "inferring": (["inference.yaml"], inputs, output_dir),
+        "evaluating": (["train.yaml", "evaluate.yaml"], item, sample_dir),
+    }
+    for run_id, (config_names, datalist_item, out) in runs.items():
         datalist = out / f"datalist_{run_id}.json"
         datalist.write_text(json.dumps({"test": [datalist_item]}, indent=2) + "\n")
         run_bundle(
-            run_id, config_file=str(configs / config), dataset_dir=str(sample_dir), datalist=str(datalist),
-            output_dir=str(out),
+            run_id, config_file=[str(configs / name) for name in config_names], dataset_dir=str(sample_dir),
+            datalist=str(datalist), output_dir=str(out),
         )  # fmt: skip
 
     prediction_path = output_dir / item["t1w"].replace(".nii.gz", "_7t.nii.gz")
     target_image = nib.as_closest_canonical(nib.load(sample_dir / item["label"]))
     mask = _load_ras(sample_dir / item["mask"]) > 0
     dwi = nib.load(sample_dir / item["dwi"])
-    adc_3t = fit_adc(np.moveaxis(np.asarray(dwi.dataobj, np.float32), -1, 0), read_fsl_bvals(sample_dir / item["bval"]))
+    adc_3t = fit_adc(
+        np.moveaxis(np.asarray(dwi.dataobj, np.float32), -1, 0),
+        read_fsl_bvals(sample_dir / item["bval"]),
+        bvecs=read_fsl_bvecs(sample_dir / item["bvec"]),
+    )
     on_target = {
         name: np.asarray(resample_from_to(image, target_image, order=1).get_fdata(), np.float32)
         for name, image in (("3T", nib.Nifti1Image(adc_3t.numpy(), dwi.affine)), ("pred", nib.load(prediction_path)))

@@ -2,9 +2,9 @@
 
     python scripts/fill_eval_metrics.py --bundle watnet --validation runs/eval_validation --test runs/eval_test
 
-Each folder is the output of the bundle's `evaluate.yaml` (`metrics_summary.json`); the means of the main columns
-are written as `val_<name>`, `val_identity_<name>`, `test_<name>`, ... with the number of subjects. `--columns`
-picks other columns of the summary (vct_adc7t adds "mse", the paper's first metric).
+Each folder is the output of the bundle's evaluation, train.yaml + evaluate.yaml (`metrics_summary.json`); the means
+of the main columns are written as `val_<name>`, `val_identity_<name>`, `test_<name>`, ... with the number of
+subjects. `--columns` picks other columns of the summary (vct_adc7t adds "mse", the paper's first metric).
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@
     python scripts/reproduce_seed001.py --data_dir data/tell7t_seed001 --output_dir runs/seed001
 
 For every `datalist_fold<subject>.json` it trains each model with the seed's protocol (train.yaml + seed.yaml
-[+ basic_cnn.yaml]), evaluates the weights of the last epoch on the held-out subject (evaluate.yaml + the same
-overlays), and prints mean ± population std over the folds of MAE, PSNR and 2-D per-slice SSIM, as the seed's
-Table 1 does. `--bf16 True` runs the networks under bfloat16 autocast on a CPU (the seed used float16 mixed
+[+ basic_cnn.yaml]), evaluates the weights of the last epoch on the held-out subject (train.yaml, the same
+overlays, evaluate.yaml), and prints mean ± population std over the folds of MAE, PSNR and 2-D per-slice SSIM, as the
+seed's Table 1 does. `--bf16 True` runs the networks under bfloat16 autocast on a CPU (the seed used float16 mixed
 precision on a GPU). Outputs: `<output_dir>/<subject>/<model>/` per fold and model, and `<output_dir>/table.json`.
 """
 
@@ -25,8 +25,8 @@ MODELS = {"watnet": ["seed.yaml"], "basic_cnn": ["seed.yaml", "basic_cnn.yaml"]}
 COLUMNS = ("mae", "psnr", "ssim")
 
 
-def _configs(first: str, overlays: list[str]) -> list[str]:
-    return [str(CONFIGS / name) for name in (first, *overlays)]
+def _configs(*names: str) -> list[str]:
+    return [str(CONFIGS / name) for name in names]
 
 
 def run_fold(datalist: Path, data_dir: Path, output: Path, model: str, bf16: bool) -> dict[str, float]:
@@ -35,10 +35,10 @@ def run_fold(datalist: Path, data_dir: Path, output: Path, model: str, bf16: boo
     if bf16:
         overrides["network"] = "$synth7t.engines.AutocastNetwork(@network_def.to(@device))"
     if not (output / "train" / "checkpoint_final.pt").is_file():
-        run_bundle("training", config_file=_configs("train.yaml", MODELS[model]), output_dir=str(output / "train"), **overrides)
+        run_bundle("training", config_file=_configs("train.yaml", *MODELS[model]), output_dir=str(output / "train"), **overrides)
     run_bundle(
         "evaluating",
-        config_file=_configs("evaluate.yaml", MODELS[model]),
+        config_file=_configs("train.yaml", *MODELS[model], "evaluate.yaml"),
         output_dir=str(output / "evaluate"),
         ckpt_path=str(output / "train" / "checkpoint_final.pt"),
         **overrides,

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from synth7t.diffusion_phantom import prepare_diffusion_pairs
-from synth7t.transforms import SimulateRealistic3T, fit_adc, read_fsl_bvals
+from synth7t.transforms import SimulateRealistic3T, fit_adc, read_fsl_bvals, read_fsl_bvecs
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 LPS_LIKE = np.array([[-1.0, 0, 0, 20], [0, -1.0, 0, 18], [0, 0, 1.0, -6], [0, 0, 0, 1]])  # the TELL axes
@@ -80,7 +80,9 @@ def tiny_diffusion_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     item = datalist["test"][0]
     dwi = nib.load(directory / item["dwi"])
     adc = fit_adc(
-        np.moveaxis(np.asarray(dwi.dataobj, dtype=np.float32), -1, 0), read_fsl_bvals(directory / item["bval"])
+        np.moveaxis(np.asarray(dwi.dataobj, dtype=np.float32), -1, 0),
+        read_fsl_bvals(directory / item["bval"]),
+        bvecs=read_fsl_bvecs(directory / item["bvec"]),
     )
     item["adc"] = item["dwi"].replace("_dwi", "_ADC")
     nib.save(nib.Nifti1Image(adc.numpy(), dwi.affine), directory / item["adc"])
@@ -118,15 +120,21 @@ def tiny_hub_cache(root: Path) -> Path:
     return root
 
 
-# Overrides that make WATNet training run in seconds on the tiny dataset.
-TINY_TRAINING = {
-    "max_epochs": 1,
-    "patches_per_volume": 4,
-    "batch_size": 4,
-    "val_interval": 1,
-    "num_workers": 0,
-    "patch_size": [16, 16],
+# Each bundle's default network at toy size (WATNet's own size is small enough).
+TINY_NETWORKS = {
+    "watnet": {},
+    "gan_unet_t1w7t": {"channels": 8, "channel_mult": [1, 2], "norm_num_groups": 4, "num_res_blocks": 1},
+    "vct_adc7t": {"channels": 4, "hidden_size": 16, "num_layers": 1, "num_heads": 2, "mlp_dim": 32},
 }
+# Overrides that make each bundle's training run in seconds on its tiny dataset: one epoch of two iterations on the
+# two training volumes (one draw of each per batch), validation on 8 of the validation volume's central slices.
+TINY_TRAININGS = {
+    "watnet": {"max_epochs": 1, "patches_per_draw": 4, "draws_per_volume": 1, "batch_size": 4, "patch_size": [16, 16]},
+    "gan_unet_t1w7t": {"max_epochs": 1, "slabs_per_draw": 2, "draws_per_volume": 2, "batch_size": 4},
+    "vct_adc7t": {"max_epochs": 1, "slices_per_volume": 4, "batch_size": 4},
+}
+for tiny in TINY_TRAININGS.values():
+    tiny.update(val_interval=1, num_workers=0, validation_slices=8)
 
 
 def bundle_command(bundle: str, run_id: str, configs: list[str], **overrides) -> list[str]:
@@ -163,14 +171,30 @@ def run_bundle(
     )
 
 
+def absolute_item(item: dict, dataset: Path) -> dict:
+    """A datalist item of ``dataset`` with its file paths made absolute (``subject`` is a name, not a file)."""
+    return {key: value if key == "subject" else str(dataset / value) for key, value in item.items()}
+
+
+def write_datalist_of_test_items(dataset: Path, path: Path) -> Path:
+    """``path``, written with the "test" list of ``dataset``'s datalist alone, paths made absolute."""
+    items = json.loads((dataset / "datalist.json").read_text())["test"]
+    path.write_text(json.dumps({"test": [absolute_item(item, dataset) for item in items]}))
+    return path
+
+
 def evaluation_results(bundle: str, dataset: Path, output_dir: Path, **overrides) -> tuple[list[dict], dict]:
-    """Run the bundle's ``evaluating`` workflow on ``dataset`` into ``output_dir``; its ``metrics.csv`` rows and its
-    ``metrics_summary.json``."""
+    """Run the bundle's ``evaluating`` workflow, train.yaml + evaluate.yaml as the model zoo runs it, on the "test"
+    list of ``dataset`` given in a datalist that holds nothing else, into ``output_dir``; its ``metrics.csv`` rows and
+    its ``metrics_summary.json``."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    datalist = write_datalist_of_test_items(dataset, output_dir / "test_only_datalist.json")
     checked(
         run_bundle(
-            bundle, "evaluating", ["evaluate.yaml"], dataset_dir=str(dataset), output_dir=str(output_dir), **overrides
+            bundle, "evaluating", ["train.yaml", "evaluate.yaml"], dataset_dir=str(dataset), datalist=str(datalist),
+            output_dir=str(output_dir), **overrides,
         )
-    )
+    )  # fmt: skip
     with (output_dir / "metrics.csv").open() as table:
         rows = list(csv.DictReader(table))
     return rows, json.loads((output_dir / "metrics_summary.json").read_text())

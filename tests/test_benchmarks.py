@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from benchmarks import inference, training
+from benchmarks import adc, inference, training
 from benchmarks.measure import REPOSITORY, run_case_in_subprocess, time_call
 
 
@@ -31,6 +31,22 @@ def test_inference_case_runs_each_backend_on_a_block(backend: str) -> None:
         result["timing"]["median_s"] * 182 / 2, rel=1e-3
     )
     assert "| gan_unet_t1w7t | default |" in inference.markdown([result])
+
+
+def test_adc_benchmark_times_each_method_and_compares_with_dipy() -> None:
+    result = adc.run(size=(16, 18, 16), protocols=["three-shell"], warmup=0, runs=1)
+    protocol = result["protocols"][0]
+    cpu = [method for method in protocol["methods"] if method["device"] == "cpu"]
+    assert [(m["method"], m["adc_method"], "error" in m) for m in cpu] == [
+        ("synth7t", "dti_wls", False),
+        ("synth7t", "shells", False),
+        ("dipy", None, False),
+    ]
+    assert set(protocol["agreement"]) == {"dti_wls", "shells"} and protocol["data"]["volumes"] == 96
+    assert [item["name"] for item in result["dipy_bundled"]] == list(adc.DIPY_BUNDLED)
+    report = adc.markdown(result)
+    assert "| synth7t ComputeADC dti_wls | cpu |" in report and "| DIPY TensorModel WLS | cpu |" in report
+    assert "- `shells` in " in report and "small_101D (6×10×10×102" in report
 
 
 def test_failed_case_is_reported_not_raised() -> None:

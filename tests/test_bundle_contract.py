@@ -1,5 +1,6 @@
 """Every bundle against the contract of BUNDLES.md: layout, metadata, shipped weights that load into the default
-network, and inference with them from outside the repository."""
+network, inference with them from outside the repository, and the MONAI model zoo's config shape: knobs that train,
+evaluate and inference must share agree, and training runs on items given in place of the datalist (MONAI Label)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.bundle import run as run_in_process
 
-from conftest import REPOSITORY, run_bundle
+from conftest import REPOSITORY, TINY_NETWORKS, TINY_TRAININGS, absolute_item, run_bundle
 
 BUNDLES = sorted(path.name for path in (REPOSITORY / "bundles").iterdir() if (path / "configs").is_dir())
 T1W_BUNDLES = ["watnet", "gan_unet_t1w7t"]  # datalist items: image (3T T1w), optional mask, label (7T T1w)
@@ -61,6 +62,90 @@ def test_shipped_weights_load_into_the_default_network(bundle):
 def _tiny_dataset(bundle: str, request: pytest.FixtureRequest) -> Path:
     """The bundle's toy dataset: ``tiny_dataset`` (T1w pairs) or, for vct_adc7t, ``tiny_diffusion_dataset``."""
     return request.getfixturevalue("tiny_dataset" if bundle in T1W_BUNDLES else "tiny_diffusion_dataset")
+
+
+# Knobs that train.yaml (which evaluate.yaml extends) and inference.yaml must both state, with the same value: the
+# network's input, its normalisation, its padding and its size.
+SHARED_KNOBS = {
+    "watnet": ("scale_intensities", "lower_percentile", "upper_percentile", "slab_size", "divisible_by", "variant"),
+    "gan_unet_t1w7t": (
+        "lower_percentile", "upper_percentile", "slab_size", "slice_axis", "divisible_by", "context_fields",
+        "condition_on_slice_position", "context_dim", "channels", "channel_mult", "num_res_blocks", "norm_num_groups",
+        "cross_attention_stages", "global_residual",
+    ),
+    "vct_adc7t": (
+        "input_keys", "adc_method", "t1w_interpolation", "adc_interpolation", "upper_percentile", "divisible_by",
+        "channels", "num_blocks", "transformer_positions", "share_transformer", "hidden_size", "num_layers",
+        "num_heads", "mlp_dim", "image_size",
+    ),
+}  # fmt: skip
+NETWORK_INPUTS = {"watnet": (1, 3, 64, 64), "gan_unet_t1w7t": (1, 3, 64, 64), "vct_adc7t": (1, 2, 64, 96)}
+
+
+def _parsed(bundle: str, *configs: str) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(REPOSITORY / "bundles" / bundle / "configs" / name) for name in configs])
+    return parser
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_train_evaluate_and_inference_state_the_shared_knobs_alike(bundle):
+    """evaluate.yaml states none of the knobs (it inherits train.yaml's); train.yaml, train.yaml + evaluate.yaml and
+    inference.yaml give each the same value and build the same network: with train.yaml's weights, perturbed so that
+    no zero-initialised layer hides a difference, every network gives the same output."""
+    evaluate = ConfigParser.load_config_file(str(REPOSITORY / "bundles" / bundle / "configs" / "evaluate.yaml"))
+    assert not set(evaluate) & {*SHARED_KNOBS[bundle], "network_def", "imports"}
+    configs = (["train.yaml"], ["train.yaml", "evaluate.yaml"], ["inference.yaml"])
+    parsers = [_parsed(bundle, *names) for names in configs]
+    for knob in SHARED_KNOBS[bundle]:
+        values = [parser.get_parsed_content(knob) for parser in parsers]
+        assert values[1:] == values[:1] * 2, knob
+    torch.manual_seed(0)
+    trained, *others = (parser.get_parsed_content("network_def").eval() for parser in parsers)
+    with torch.no_grad():
+        for parameter in trained.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+        x = torch.rand(NETWORK_INPUTS[bundle])
+        expected = trained(x)
+        for network in others:
+            assert type(network) is type(trained)
+            network.load_state_dict(trained.state_dict())  # strict: the same keys and shapes
+            torch.testing.assert_close(network(x), expected)
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_training_runs_on_items_given_in_place_of_the_datalist(bundle, request, tmp_path):
+    """What MONAI Label's BundleTrainTask does: it overrides train#dataset#data and validate#dataset#data with its own
+    items, inserts a CheckpointLoader into the train#handlers it reads from train.yaml, and calls MONAI's ``run`` with
+    ``run_id="run"`` (``init_id=None`` leaves ``initialize`` in place). Here the dataset folder holds no datalist file,
+    and one training item gives one iteration."""
+    dataset = _tiny_dataset(bundle, request)
+    datalist = json.loads((dataset / "datalist.json").read_text())
+    parser = _parsed(bundle, "train.yaml")
+    assert parser["train#dataset#data"] == "@train#datalist"
+    parser.update(TINY_NETWORKS[bundle])
+    network = parser.get_parsed_content("network_def")
+    torch.save(network.state_dict(), tmp_path / "pretrained.pt")
+    loader = {"_target_": "CheckpointLoader", "load_path": str(tmp_path / "pretrained.pt"),
+              "load_dict": {"model": "$@network"}, "strict": False}  # fmt: skip
+    (tmp_path / "no_datalist").mkdir()
+    overrides = {
+        "train#dataset#data": [absolute_item(datalist["training"][0], dataset)],
+        "validate#dataset#data": [absolute_item(item, dataset) for item in datalist["validation"]],
+        "train#handlers": [loader, *parser["train#handlers"]],
+        "train#trainer#max_epochs": 1,
+        "dataset_dir": str(tmp_path / "no_datalist"),
+        "output_dir": str(tmp_path / "train"),
+    }
+    config_file = str(REPOSITORY / "bundles" / bundle / "configs" / "train.yaml")
+    run_in_process(
+        run_id="run", init_id=None, final_id=None, config_file=config_file, **TINY_TRAININGS[bundle],
+        **TINY_NETWORKS[bundle], **overrides,
+    )  # fmt: skip
+    final = torch.load(tmp_path / "train" / "checkpoint_final.pt", map_location="cpu", weights_only=True)
+    assert final["trainer"]["epoch_length"] == final["trainer"]["iteration"] == 1
+    # one step from the inserted checkpoint's weights: every parameter within a few learning rates of them
+    assert max((final["model"][name] - value).abs().max().item() for name, value in network.named_parameters()) < 1e-2
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)

@@ -1,5 +1,6 @@
-"""The gan_unet_t1w7t bundle as a user runs it: U-Net and GAN training, resume, the thesis overlays, evaluation,
-inference, conditioning, torchrun, and the bad-input cases of the contract (BUNDLES.md)."""
+"""The gan_unet_t1w7t bundle as a user runs it: U-Net (degradation-randomized by default) and GAN training, resume,
+the thesis overlays, evaluation, inference, conditioning, torchrun, and the bad-input cases of the contract
+(BUNDLES.md)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -15,14 +17,24 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
+from synth7t.handlers import GAUSSIAN_SIGMAS
 from synth7t.networks import AttentionResUNet
 
-from conftest import REPOSITORY, bundle_command, checked, evaluation_results, run_bundle, tiny_hub_cache
+from conftest import (
+    REPOSITORY,
+    TINY_NETWORKS,
+    TINY_TRAININGS,
+    bundle_command,
+    checked,
+    evaluation_results,
+    run_bundle,
+    tiny_hub_cache,
+)
 
 BUNDLE = "gan_unet_t1w7t"
 CONFIGS = REPOSITORY / "bundles" / BUNDLE / "configs"
-TINY_NETWORK = {"channels": 8, "channel_mult": [1, 2], "norm_num_groups": 4, "num_res_blocks": 1}
-TINY_TRAINING = {"max_epochs": 1, "slabs_per_volume": 4, "batch_size": 4, "val_interval": 1, "num_workers": 0}
+TINY_NETWORK = TINY_NETWORKS[BUNDLE]
+TINY_TRAINING = TINY_TRAININGS[BUNDLE]
 TINY_CRITIC = {"critic_channels": 4, "critic_layers": 2}
 GAN = ["train.yaml", "train_gan.yaml"]
 
@@ -34,12 +46,13 @@ def perceptual_hub(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained_unet(tiny_dataset: Path, perceptual_hub: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One epoch of the U-Net recipe (L1 + perceptual through the real hub loader) on the tiny dataset."""
+    """One epoch of the default U-Net recipe, with the perceptual loss of the thesis overlays added (L1 + perceptual
+    through the real hub loader), on the tiny dataset."""
     output = tmp_path_factory.mktemp("unet")
     checked(
         run_bundle(
             BUNDLE, "training", ["train.yaml"], dataset_dir=str(tiny_dataset), output_dir=str(output),
-            perceptual_cache_dir=str(perceptual_hub), **TINY_TRAINING, **TINY_NETWORK,
+            perceptual_weight=5e-3, perceptual_cache_dir=str(perceptual_hub), **TINY_TRAINING, **TINY_NETWORK,
         )
     )  # fmt: skip
     return output
@@ -47,12 +60,14 @@ def trained_unet(tiny_dataset: Path, perceptual_hub: Path, tmp_path_factory: pyt
 
 @pytest.fixture(scope="module")
 def trained_gan(tiny_dataset: Path, trained_unet: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One epoch of WGAN-GP, the generator warm-started from the U-Net."""
+    """One epoch of WGAN-GP, the generator warm-started from the default U-Net (the same network: with its global
+    residual)."""
     output = tmp_path_factory.mktemp("gan")
     checked(
         run_bundle(
             BUNDLE, "training", GAN, dataset_dir=str(tiny_dataset), output_dir=str(output), perceptual_weight=0,
-            warm_start_from=str(trained_unet / "model.pt"), **TINY_TRAINING, **TINY_NETWORK, **TINY_CRITIC,
+            warm_start_from=str(trained_unet / "model.pt"), global_residual=True, **TINY_TRAINING, **TINY_NETWORK,
+            **TINY_CRITIC,
         )
     )  # fmt: skip
     return output
@@ -63,7 +78,7 @@ def trained_gan(tiny_dataset: Path, trained_unet: Path, tmp_path_factory: pytest
     [
         (["train.yaml"], "train"),
         (GAN, "train"),
-        (["evaluate.yaml"], "infer"),
+        (["train.yaml", "evaluate.yaml"], "train"),
         (["inference.yaml"], "infer"),
     ],
 )
@@ -85,11 +100,13 @@ def test_check_properties(configs, workflow_type, tiny_dataset, tmp_path):
 
 
 def test_unet_training_writes_a_loadable_generator(trained_unet):
-    assert {"model.pt", "checkpoint_final.pt"} <= {p.name for p in trained_unet.iterdir()}
-    network = AttentionResUNet(in_channels=3, out_channels=1, **TINY_NETWORK)
+    assert {"model.pt", "checkpoint_epoch=1.pt", "checkpoint_final.pt"} <= {p.name for p in trained_unet.iterdir()}
+    network = AttentionResUNet(in_channels=3, out_channels=1, global_residual=True, **TINY_NETWORK)
     network.load_state_dict(torch.load(trained_unet / "model.pt", weights_only=True))
     checkpoint = torch.load(trained_unet / "checkpoint_final.pt", weights_only=True)
     assert {"model", "optimizer", "lr_scheduler", "trainer"} <= set(checkpoint)
+    # warm-up and cosine decay stepped per iteration, over all iterations of the run
+    assert checkpoint["lr_scheduler"]["last_epoch"] == checkpoint["lr_scheduler"]["t_total"] == 2
     assert list(trained_unet.glob("events.out.tfevents.*"))
 
 
@@ -105,8 +122,8 @@ def test_gan_run_resumes_from_its_checkpoint(trained_gan, tiny_dataset, tmp_path
     result = checked(
         run_bundle(
             BUNDLE, "training", GAN, dataset_dir=str(tiny_dataset), output_dir=str(tmp_path), perceptual_weight=0,
-            resume_from=str(trained_gan / "checkpoint_final.pt"), **{**TINY_TRAINING, "max_epochs": 2},
-            **TINY_NETWORK, **TINY_CRITIC,
+            resume_from=str(trained_gan / "checkpoint_final.pt"), global_residual=True,
+            **{**TINY_TRAINING, "max_epochs": 2}, **TINY_NETWORK, **TINY_CRITIC,
         )
     )  # fmt: skip
     log = result.stdout + result.stderr
@@ -168,19 +185,33 @@ def test_thesis_unet_overlays(overlay, table2, parameters):
             "batch_size", "perceptual_weight", "learning_rate")  # fmt: skip
     assert tuple(parser[key] for key in keys) == table2
     assert parser["slab_size"] == 3 and critic is None
+    # the thesis's recipe: fixed 3T/7T pairs, no global residual, validation every epoch
+    assert (parser["randomize_degradation"], network.residual_start, parser["val_interval"]) == (False, -1, 1)
     assert parser.get_parsed_content("context_dim") == 4  # age, sex, diagnosis, slice position
     assert _count(network) == parameters
     assert network.bottleneck_attends_context == (len(table2[2]) + 1 in table2[5])
 
 
+def test_unc_unet_reduces_the_learning_rate_on_the_validation_psnr():
+    parser, _, _ = _network(["train.yaml", "unc_unet.yaml"])
+    assert parser.get_parsed_content("train#named_handlers#lr_schedule") is None  # disabled: no per-iteration step
+    handler = parser.get_parsed_content("validate#named_handlers#lr_plateau")
+    scheduler = handler.lr_scheduler
+    assert isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and handler.epoch_level
+    assert (scheduler.mode, scheduler.factor, scheduler.patience) == ("max", 0.1, 5)
+    engine = SimpleNamespace(state=SimpleNamespace(metrics={"val_psnr": 31.5}))
+    assert handler.step_transform(engine) == 31.5
+
+
 def test_bf_unet_halves_the_learning_rate_every_200_steps():
     parser, _, _ = _network(["train.yaml", "bf_unet.yaml"])
-    scheduler = parser.get_parsed_content("lr_scheduler")
+    handler = parser.get_parsed_content("train#named_handlers#lr_schedule")
+    scheduler = handler.lr_scheduler
     assert isinstance(scheduler, torch.optim.lr_scheduler.StepLR) and (scheduler.step_size, scheduler.gamma) == (
         200,
         0.5,
     )
-    assert parser.get_parsed_content("train#schedule_handlers")[0].epoch_level is False
+    assert handler.epoch_level is False  # per iteration
 
 
 def test_thesis_gan_overlay():
@@ -193,27 +224,36 @@ def test_thesis_gan_overlay():
     assert tuple(parser[key] for key in critic_settings) == (5, 2e-5, 0.2, 256, 4)
     assert parser["gradient_penalty_weight"] == 10.0
     assert _count(generator) == 187_643_477
+    assert (parser["randomize_degradation"], generator.residual_start, parser["val_interval"]) == (False, -1, 1)
+    handler = parser.get_parsed_content("train#named_handlers#lr_schedule")
+    assert handler.epoch_level and (handler.lr_scheduler.step_size, handler.lr_scheduler.gamma) == (1, 0.8)
     widths = [m.out_channels for m in critic.modules() if isinstance(m, torch.nn.Conv2d)]
     assert widths == [256, 512, 1024, 2048, 4096, 1]
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in critic.modules())
     assert all(m.num_groups == 1 for m in critic.modules() if isinstance(m, torch.nn.GroupNorm))
 
 
-def test_default_is_the_compact_unconditioned_generator():
+def test_default_is_the_compact_unconditioned_generator_with_a_global_residual():
     parser, network, critic = _network(["train.yaml"])
     assert _count(network) == 680_565 and network.context_dim is None and critic is None
     assert parser.get_parsed_content("divisible_by") == 16
+    assert network.residual_start == 1 and parser["randomize_degradation"]  # the middle of 3 slices
 
 
-def test_evaluation_writes_per_subject_metrics_with_identity_baseline(trained_unet, tiny_dataset, tmp_path):
+def test_evaluation_writes_per_subject_metrics_with_identity_and_gaussian_baselines(
+    trained_unet, tiny_dataset, tmp_path
+):
     rows, summary = evaluation_results(
         BUNDLE, tiny_dataset, tmp_path, ckpt_path=str(trained_unet / "model.pt"), num_workers=0, **TINY_NETWORK
     )
     assert [row["subject"] for row in rows] == ["sub-4_3T", "sub-5_3T"]
+    names = ("psnr", "ssim", "mse", "mae", "psnr_brain", "identity_psnr", "identity_mae_brain", "gaussian_psnr",
+             "gaussian_ssim_brain")  # fmt: skip
     for row in rows:
-        for name in ("psnr", "ssim", "mse", "mae", "psnr_brain", "identity_psnr", "identity_mae_brain"):
+        for name in names:
             assert np.isfinite(float(row[name])), name
-    assert summary["psnr"]["n"] == 2
+        assert float(row["gaussian_sigma"]) in GAUSSIAN_SIGMAS
+    assert summary["psnr"]["n"] == summary["gaussian_psnr"]["n"] == 2
 
 
 def test_inference_writes_one_volume_per_input_on_its_grid(trained_unet, tiny_dataset, tmp_path):
@@ -238,7 +278,7 @@ def test_slice_position_conditioning_trains_and_infers(tiny_dataset, tmp_path):
     checked(
         run_bundle(
             BUNDLE, "training", ["train.yaml"], dataset_dir=str(tiny_dataset), output_dir=str(tmp_path / "train"),
-            perceptual_weight=0, **TINY_TRAINING, **conditioned,
+            **TINY_TRAINING, **conditioned,
         )
     )  # fmt: skip
     checked(
@@ -259,7 +299,7 @@ def test_subject_conditioning_reads_the_datalist_fields(tiny_dataset, tmp_path):
     checked(
         run_bundle(
             BUNDLE, "training", ["train.yaml"], dataset_dir=str(tiny_dataset), datalist=str(tmp_path / "datalist.json"),
-            output_dir=str(tmp_path / "train"), perceptual_weight=0, **TINY_TRAINING, **conditioned,
+            output_dir=str(tmp_path / "train"), **TINY_TRAINING, **conditioned,
         )
     )  # fmt: skip
     network = AttentionResUNet(**TINY_NETWORK, cross_attention_stages=[3], context_dim=3)
@@ -284,7 +324,7 @@ def test_torchrun_trains_on_two_cpu_processes(configs, tiny_dataset, tmp_path):
     "overrides, message",
     [
         (
-            {"perceptual_cache_dir": "/nonexistent/hub"},
+            {"perceptual_weight": 5e-3, "perceptual_cache_dir": "/nonexistent/hub", "perceptual_allow_download": False},
             "RadImageNet ResNet-50 of the perceptual loss is not in this torch hub cache",
         ),
         ({"context_fields": ["age"], "cross_attention_stages": [2]}, "the conditioned network needs 'age'"),

@@ -19,19 +19,29 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.bundle import run as run_in_process
 from monai.transforms import Compose
 
+from synth7t.handlers import GAUSSIAN_SIGMAS
 from synth7t.networks import VCT
 
-from conftest import REPOSITORY, bundle_command, checked, evaluation_results, run_bundle
+from conftest import (
+    REPOSITORY,
+    TINY_NETWORKS,
+    TINY_TRAININGS,
+    bundle_command,
+    checked,
+    evaluation_results,
+    run_bundle,
+)
 
 BUNDLE = "vct_adc7t"
 CONFIGS = REPOSITORY / "bundles" / BUNDLE / "configs"
-TINY_NETWORK = {"channels": 4, "hidden_size": 16, "num_layers": 1, "num_heads": 2, "mlp_dim": 32}
-TINY_TRAINING = {"max_epochs": 1, "slices_per_volume": 4, "batch_size": 4, "val_interval": 1, "num_workers": 0}
+TINY_NETWORK = TINY_NETWORKS[BUNDLE]
+TINY_TRAINING = TINY_TRAININGS[BUNDLE]
 
 
-def _parser(config: str, dataset: Path, *overlays: str, **overrides) -> ConfigParser:
+def _parser(dataset: Path, *overlays: str, **overrides) -> ConfigParser:
+    """train.yaml, then ``overlays``, with the tiny network on ``dataset``."""
     parser = ConfigParser()
-    parser.read_config([str(CONFIGS / name) for name in (config, *overlays)])
+    parser.read_config([str(CONFIGS / name) for name in ("train.yaml", *overlays)])
     parser.update({"dataset_dir": str(dataset), "num_workers": 0, **TINY_NETWORK, **overrides})
     return parser
 
@@ -49,13 +59,14 @@ def trained(tiny_diffusion_dataset: Path, tmp_path_factory: pytest.TempPathFacto
 
 
 @pytest.mark.parametrize(
-    "config, workflow_type", [("train.yaml", "train"), ("evaluate.yaml", "infer"), ("inference.yaml", "infer")]
+    "configs, workflow_type",
+    [(["train.yaml"], "train"), (["train.yaml", "evaluate.yaml"], "train"), (["inference.yaml"], "infer")],
 )
-def test_check_properties(config, workflow_type, tiny_diffusion_dataset, tmp_path):
+def test_check_properties(configs, workflow_type, tiny_diffusion_dataset, tmp_path):
     checkpoint = tmp_path / "model.pt"
     torch.save(VCT(**TINY_NETWORK).state_dict(), checkpoint)
     workflow = ConfigWorkflow(
-        config_file=str(CONFIGS / config),
+        config_file=[str(CONFIGS / name) for name in configs],
         workflow_type=workflow_type,
         dataset_dir=str(tiny_diffusion_dataset),
         output_dir=str(tmp_path),
@@ -70,7 +81,7 @@ def test_check_properties(config, workflow_type, tiny_diffusion_dataset, tmp_pat
 def test_adc_computed_from_the_diffusion_series_equals_the_precomputed_map(tiny_diffusion_dataset):
     """The same subject through the training data path, once from its DWI + bval + bvec and once from the ADC map
     fitted beforehand: identical network inputs, [T1w, ADC] on the 7T target grid, in [0, 1], padded to 16."""
-    parser = _parser("evaluate.yaml", tiny_diffusion_dataset)
+    parser = _parser(tiny_diffusion_dataset)
     datalist = json.loads((tiny_diffusion_dataset / "datalist.json").read_text())
     from_adc = {k: str(tiny_diffusion_dataset / v) for k, v in datalist["test"][0].items() if k != "subject"}
     subject = datalist["test"][0]["subject"]
@@ -99,7 +110,7 @@ def test_training_writes_a_loadable_network(trained, tiny_diffusion_dataset):
 
 
 def test_early_stopping_watches_the_validation_loss(tiny_diffusion_dataset, tmp_path):
-    parser = _parser("train.yaml", tiny_diffusion_dataset, output_dir=str(tmp_path), early_stop_patience=2)
+    parser = _parser(tiny_diffusion_dataset, output_dir=str(tmp_path), early_stop_patience=2)
     trainer, evaluator = parser.get_parsed_content("train#trainer"), parser.get_parsed_content("validate#evaluator")
     early_stopping = parser.get_parsed_content("train#early_stopping")
     early_stopping.attach(evaluator)  # as `run` does
@@ -111,16 +122,18 @@ def test_early_stopping_watches_the_validation_loss(tiny_diffusion_dataset, tmp_
     assert trainer.should_terminate
 
 
-def test_evaluation_scores_the_model_and_the_3t_adc_baseline(trained, tiny_diffusion_dataset, tmp_path):
+def test_evaluation_scores_the_model_and_the_3t_adc_baselines(trained, tiny_diffusion_dataset, tmp_path):
     rows, summary = evaluation_results(
         BUNDLE, tiny_diffusion_dataset, tmp_path, ckpt_path=str(trained / "model.pt"), num_workers=0, **TINY_NETWORK
     )
     assert [row["subject"] for row in rows] == ["sub-4_3T_T1w", "sub-5_3T_T1w"]
     for row in rows:
         for name in ("psnr", "ssim", "mse", "psnr_brain"):
-            assert np.isfinite(float(row[name])) and np.isfinite(float(row[f"identity_{name}"]))
+            for prefix in ("", "identity_", "gaussian_"):  # the model, the 3T ADC map, the map Gaussian-filtered
+                assert np.isfinite(float(row[f"{prefix}{name}"])), f"{prefix}{name}"
         assert float(row["mse"]) == pytest.approx(10 ** (-float(row["psnr"]) / 10), rel=1e-3)  # data range 1
-    assert summary["psnr"]["n"] == 2
+        assert float(row["gaussian_sigma"]) in GAUSSIAN_SIGMAS
+    assert summary["psnr"]["n"] == summary["gaussian_psnr"]["n"] == 2
 
 
 def test_inference_from_adc_and_from_dwi_writes_7t_grid_volumes(trained, tiny_diffusion_dataset, tmp_path):

@@ -1,5 +1,6 @@
-"""The watnet bundle as a user runs it: `python -m monai.bundle run` training, resume, evaluation, inference,
-the overlays, torchrun, the bundle contract's properties, outputs and bad-input behaviour (BUNDLES.md)."""
+"""The watnet bundle as a user runs it: `python -m monai.bundle run` training (degradation-randomized by default),
+resume, evaluation, inference, the overlays, torchrun, the bundle contract's properties, outputs and bad-input
+behaviour (BUNDLES.md)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.bundle import run as run_in_process
 
+from synth7t.handlers import GAUSSIAN_SIGMAS
 from synth7t.metrics import METRIC_NAMES, volume_metrics
 from synth7t.networks import BasicCNN, WATNet
 from synth7t.transforms import PercentileScaleIntensity
@@ -22,7 +24,8 @@ from synth7t.transforms import PercentileScaleIntensity
 from conftest import (
     PERMUTED,
     REPOSITORY,
-    TINY_TRAINING,
+    TINY_TRAININGS,
+    absolute_item,
     bundle_command,
     checked,
     evaluation_results,
@@ -32,13 +35,27 @@ from conftest import (
 
 BUNDLE = REPOSITORY / "bundles" / "watnet"
 CONFIGS = BUNDLE / "configs"
+TINY_TRAINING = TINY_TRAININGS["watnet"]
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One epoch of the default recipe on the tiny dataset, run from outside the repository."""
+    """One epoch of the default recipe on the tiny dataset, run from outside the repository, from training items
+    that hold the 7T target alone: the 3T inputs are simulated from it."""
+    datalist = {
+        split: [absolute_item(item, tiny_dataset) for item in items]
+        for split, items in json.loads((tiny_dataset / "datalist.json").read_text()).items()
+    }
+    datalist["training"] = [{"label": item["label"]} for item in datalist["training"]]
+    datalist_path = tmp_path_factory.mktemp("label_only") / "datalist.json"
+    datalist_path.write_text(json.dumps(datalist))
     output = tmp_path_factory.mktemp("train")
-    checked(run_bundle("watnet", "training", ["train.yaml"], dataset_dir=str(tiny_dataset), output_dir=str(output), **TINY_TRAINING))
+    checked(
+        run_bundle(
+            "watnet", "training", ["train.yaml"], dataset_dir=str(tiny_dataset), datalist=str(datalist_path),
+            output_dir=str(output), **TINY_TRAINING,
+        )
+    )  # fmt: skip
     return output
 
 
@@ -46,10 +63,11 @@ def trained(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     "configs, workflow_type",
     [
         (["train.yaml"], "train"),
+        (["train.yaml", "original.yaml"], "train"),
         (["train.yaml", "seed.yaml"], "train"),
         (["train.yaml", "basic_cnn.yaml"], "train"),
         (["train.yaml", "seed.yaml", "basic_cnn.yaml"], "train"),
-        (["evaluate.yaml"], "infer"),
+        (["train.yaml", "evaluate.yaml"], "train"),
         (["inference.yaml"], "infer"),
     ],
 )
@@ -89,16 +107,20 @@ def test_bundle_root_from_the_command_line_of_other_bundle_commands(monkeypatch,
 
 
 def test_training_writes_loadable_checkpoints_and_logs(trained):
-    assert {"model.pt", "checkpoint_final.pt"} <= {p.name for p in trained.iterdir()}
+    # a checkpoint every epoch (the last kept), the final one, the best validation PSNR's weights
+    assert {"model.pt", "checkpoint_epoch=1.pt", "checkpoint_final.pt"} <= {p.name for p in trained.iterdir()}
     assert list(trained.glob("events.out.tfevents.*")), "no TensorBoard log"
     network = WATNet()
     network.load_state_dict(torch.load(trained / "model.pt", map_location="cpu", weights_only=True))
     final = torch.load(trained / "checkpoint_final.pt", map_location="cpu", weights_only=False)
     assert set(final) == {"model", "optimizer", "lr_scheduler", "trainer"}
-    assert final["trainer"]["iteration"] == final["trainer"]["epoch_length"] == 2  # 2 volumes x 4 patches / batch 4
-    assert len(final["optimizer"]["param_groups"]) == 2  # original solver: biases and output conv at lr_mult 0.1
-    lrs = sorted(group["lr"] for group in final["optimizer"]["param_groups"])
-    assert lrs == pytest.approx([2.5e-5, 2.5e-4])
+    assert final["trainer"]["iteration"] == final["trainer"]["epoch_length"] == 2  # 2 volumes, 1 draw of 4 per batch
+    # the released solver's groups (biases and the output conv at 0.1 x the learning rate), no weight decay
+    groups = final["optimizer"]["param_groups"]
+    assert sorted(group["initial_lr"] for group in groups) == pytest.approx([5e-5, 5e-4])
+    assert {group["weight_decay"] for group in groups} == {0}
+    # warm-up and cosine decay stepped per iteration, over all iterations of the run
+    assert (final["lr_scheduler"]["last_epoch"], final["lr_scheduler"]["t_total"]) == (2, 2)
 
 
 def test_training_resumes_from_a_checkpoint(trained, tiny_dataset, tmp_path):
@@ -121,13 +143,15 @@ def _normalised_ras(path: Path, mask: np.ndarray) -> np.ndarray:
     return np.asarray(PercentileScaleIntensity(0.0, 99.0)(volume[None], mask[None])[0])
 
 
-def test_evaluation_writes_per_subject_metrics_with_identity_baseline(trained, tiny_dataset, tmp_path):
+def test_evaluation_writes_per_subject_metrics_with_identity_and_gaussian_baselines(trained, tiny_dataset, tmp_path):
     rows, summary = evaluation_results(
         "watnet", tiny_dataset, tmp_path, ckpt_path=str(trained / "model.pt"), num_workers=0
     )
     assert [row["subject"] for row in rows] == ["sub-4_3T", "sub-5_3T"]
-    expected_columns = [f"{p}{m}{s}" for p in ("", "identity_") for m in METRIC_NAMES for s in ("", "_brain")]
+    prefixes = ("", "identity_", "gaussian_")
+    expected_columns = [f"{p}{m}{s}" for p in prefixes for m in METRIC_NAMES for s in ("", "_brain")]
     assert set(expected_columns) <= set(rows[0])
+    assert all(float(row["gaussian_sigma"]) in GAUSSIAN_SIGMAS and np.isfinite(float(row["gaussian_psnr"])) for row in rows)
     # The identity baseline is the normalised 3T against the normalised 7T, on axial slices: recompute it, also
     # for sub-5 whose file stores the axial axis first.
     for row, subject in zip(rows, ("sub-4", "sub-5")):
@@ -186,22 +210,37 @@ def test_shipped_model_is_the_default_network():
     assert sum(p.numel() for p in network.parameters()) == 1_467_971
 
 
-def test_seed_protocol_and_basic_cnn_train(tiny_dataset, tmp_path):
-    # The seed keeps axial slices 30-151 of the 182-slice volumes; the tiny volumes have 12, so keep 2-9 instead.
-    slices = {"patch_transforms#0#roi_start": [0, 0, 2], "patch_transforms#0#roi_end": [100000, 100000, 10]}
-    for overlays, network_class in ((["seed.yaml"], WATNet), (["seed.yaml", "basic_cnn.yaml"], BasicCNN)):
-        output = tmp_path / "_".join(name.removesuffix(".yaml") for name in overlays)
-        checked(
-            run_bundle(
-                "watnet", "training", ["train.yaml", *overlays], dataset_dir=str(tiny_dataset), output_dir=str(output),
-                **TINY_TRAINING, **slices,
-            )
+# The seed keeps axial slices 30-151 of the 182-slice volumes; the tiny volumes have 12, so keep 2-9 instead.
+SEED_SLICES = {"patch_transforms#0#roi_start": [0, 0, 2], "patch_transforms#0#roi_end": [100000, 100000, 10]}
+
+
+@pytest.mark.parametrize(
+    "overlays, network_class, network_options, overrides",
+    [
+        (["original.yaml"], WATNet, {}, {}),
+        (["seed.yaml"], WATNet, {"variant": "seed"}, SEED_SLICES),
+        (["seed.yaml", "basic_cnn.yaml"], BasicCNN, {}, SEED_SLICES),
+    ],
+    ids=["original", "seed", "seed_basic_cnn"],
+)
+def test_overlay_recipes_train_on_the_fixed_pairs(
+    overlays, network_class, network_options, overrides, tiny_dataset, tmp_path
+):
+    checked(
+        run_bundle(
+            "watnet", "training", ["train.yaml", *overlays], dataset_dir=str(tiny_dataset), output_dir=str(tmp_path),
+            **TINY_TRAINING, **overrides,
         )
-        checkpoint = torch.load(output / "checkpoint_final.pt", map_location="cpu", weights_only=False)
-        network = network_class() if network_class is BasicCNN else WATNet(variant="seed")
-        network.load_state_dict(checkpoint["model"])
-        assert len(checkpoint["optimizer"]["param_groups"]) == 1
-        assert checkpoint["optimizer"]["param_groups"][0]["eps"] == 1e-7
+    )  # fmt: skip
+    checkpoint = torch.load(tmp_path / "checkpoint_final.pt", map_location="cpu", weights_only=False)
+    network_class(**network_options).load_state_dict(checkpoint["model"])
+    groups = checkpoint["optimizer"]["param_groups"]
+    if overlays == ["original.yaml"]:  # the released solver: biases and the output conv at lr_mult 0.1, StepLR
+        assert sorted(group["lr"] for group in groups) == pytest.approx([2.5e-5, 2.5e-4])
+        assert {group["weight_decay"] for group in groups} == {1e-4}
+        assert (checkpoint["lr_scheduler"]["step_size"], checkpoint["lr_scheduler"]["gamma"]) == (34000, 0.8)
+    else:  # the seed's Keras Adam
+        assert len(groups) == 1 and groups[0]["eps"] == 1e-7
 
 
 def test_torchrun_overlay_trains_on_two_cpu_processes(tiny_dataset, tmp_path):
@@ -224,6 +263,8 @@ def _write(path: Path, array: np.ndarray, affine: np.ndarray) -> str:
 
 
 def test_bad_training_pair_is_reported_from_the_command_line_without_a_traceback(tiny_dataset, tmp_path):
+    """A 7T target off its brain mask's grid (the default recipe reads the target and the mask of a training item and
+    simulates its 3T input)."""
     datalist = json.loads((tiny_dataset / "datalist.json").read_text())
     for split in datalist.values():
         for item in split:
@@ -239,7 +280,7 @@ def test_bad_training_pair_is_reported_from_the_command_line_without_a_traceback
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and str(label) in last and "affine" in last and "'training'[1]" in last
+    assert last.startswith("error: ") and label.name in last and "affine" in last and "'training'[1]" in last
     assert not output.exists()
 
 

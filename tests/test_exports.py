@@ -1,4 +1,5 @@
-"""TorchScript and ONNX exports of every bundle's shipped network (`make export`), and the ONNX Runtime backend.
+"""TorchScript and ONNX exports of every bundle's shipped network (`make export`), and the ONNX Runtime backend
+(configs/inference_onnx.yaml, merged after inference.yaml or after train.yaml + evaluate.yaml).
 
 The exported files are required, not skipped when absent: a bundle whose models/model.ts or model.onnx is missing
 or stale fails here until `make export` has been rerun on its final models/model.pt.
@@ -6,6 +7,7 @@ or stale fails here until `make export` has been rerun on its final models/model
 
 from __future__ import annotations
 
+import csv
 import functools
 import json
 import subprocess
@@ -18,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser, ckpt_export
+from monai.bundle import run as run_in_process
 from monai.data import load_net_with_metadata
 from torch import nn
 
@@ -55,6 +58,8 @@ SHAPES = [
     for shape in case.shapes
 ]
 BACKENDS = {"pytorch": ["inference.yaml"], "onnx": ["inference.yaml", "inference_onnx.yaml"]}
+# the workflows the ONNX overlay is merged into: configs before it, and the run id
+ROADS = {"inference": (["inference.yaml"], "inferring"), "evaluation": (["train.yaml", "evaluate.yaml"], "evaluating")}
 
 
 def shipped(bundle: str, name: str) -> Path:
@@ -145,13 +150,42 @@ def test_onnx_backend_infers_the_same_volumes_as_pytorch(bundle, request, tmp_pa
         assert np.abs(volumes[0].get_fdata() - volumes[1].get_fdata()).max() <= 1e-4
 
 
+def _rows(metrics_csv: Path) -> list[dict[str, str]]:
+    with metrics_csv.open() as table:
+        return list(csv.DictReader(table))
+
+
 @pytest.mark.parametrize("bundle", EXPORTS)
-def test_onnx_backend_without_the_exported_file_stops_before_compute(bundle, request, tmp_path):
-    result = run_bundle(
-        bundle, "inferring", BACKENDS["onnx"], dataset_dir=str(request.getfixturevalue(EXPORTS[bundle].dataset)),
-        output_dir=str(tmp_path / "out"), onnx_path=str(tmp_path / "absent.onnx"), num_workers=0,
-    )  # fmt: skip
-    assert result.returncode == 1 and "absent.onnx: ONNX model not found" in result.stderr
+def test_onnx_backend_evaluates_as_pytorch(bundle, request, tmp_path):
+    """The evaluation of the shipped weights, through the checkpoint and through model.onnx: the same subjects and
+    metrics (outputs within 1e-4, so MAE within 1e-5 and PSNR within 0.01 dB), the same baselines."""
+    dataset = request.getfixturevalue(EXPORTS[bundle].dataset)
+    configs = REPOSITORY / "bundles" / bundle / "configs"
+    for backend, overlays in (("pytorch", []), ("onnx", ["inference_onnx.yaml"])):
+        run_in_process(
+            "evaluating", config_file=[str(configs / name) for name in (*ROADS["evaluation"][0], *overlays)],
+            dataset_dir=str(dataset), output_dir=str(tmp_path / backend), num_workers=0,
+        )  # fmt: skip
+    pytorch, onnx = (_rows(tmp_path / backend / "metrics.csv") for backend in ("pytorch", "onnx"))
+    assert [row["subject"] for row in onnx] == [row["subject"] for row in pytorch] and pytorch
+    for expected, row in zip(pytorch, onnx):
+        assert float(row["mae"]) == pytest.approx(float(expected["mae"]), abs=1e-5)
+        assert float(row["psnr"]) == pytest.approx(float(expected["psnr"]), abs=1e-2)
+        baselines = [column for column in expected if column.startswith(("identity_", "gaussian_"))]
+        assert baselines and all(row[column] == expected[column] for column in baselines)
+
+
+@pytest.mark.parametrize("road", ROADS)
+@pytest.mark.parametrize("bundle", EXPORTS)
+def test_onnx_backend_without_the_exported_file_stops_before_compute(bundle, road, request, tmp_path):
+    configs, run_id = ROADS[road]
+    config_dir = REPOSITORY / "bundles" / bundle / "configs"
+    with pytest.raises(SystemExit, match="absent.onnx: ONNX model not found"):
+        run_in_process(
+            run_id, config_file=[str(config_dir / name) for name in (*configs, "inference_onnx.yaml")],
+            dataset_dir=str(request.getfixturevalue(EXPORTS[bundle].dataset)), output_dir=str(tmp_path / "out"),
+            onnx_path=str(tmp_path / "absent.onnx"), num_workers=0,
+        )  # fmt: skip
     assert not (tmp_path / "out").exists()
 
 

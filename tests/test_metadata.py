@@ -130,7 +130,7 @@ LOADED_MODULES = (
 @pytest.fixture(scope="module")
 def packages_synth7t_imports() -> set[str]:
     """Distributions that the modules ``import synth7t`` loads import at module level; function-level imports are
-    lazy, for the configs that need them (ONNX Runtime in synth7t.engines, for watnet's inference_onnx.yaml)."""
+    lazy, for the configs that need them (ONNX Runtime in synth7t.engines, for the inference_onnx.yaml overlays)."""
     files = subprocess.run([sys.executable, "-c", LOADED_MODULES], capture_output=True, text=True, check=True)
     modules = set()
     for file in files.stdout.split():
