@@ -181,6 +181,17 @@ def _write(path: Path, array: np.ndarray, affine: np.ndarray) -> str:
     return str(path)
 
 
+def _write_zero_affine(path: Path, array: np.ndarray) -> str:
+    """An uncompressed NIfTI whose sform is all zero (sform_code 1), written byte by byte: nibabel refuses to save
+    such an affine but loads it."""
+    header = nib.Nifti1Image(array, np.eye(4)).header
+    for row in ("srow_x", "srow_y", "srow_z"):
+        header[row] = 0
+    header["sform_code"], header["vox_offset"] = 1, 352
+    path.write_bytes(header.binaryblock + bytes(4) + np.asfortranarray(array).tobytes(order="F"))
+    return str(path)
+
+
 def _bad_items(directory: Path, good: dict) -> dict[str, tuple[dict, str, str]]:
     """Test items with one problem each: (item, a word the message must contain, the file it must name)."""
     reference = nib.load(good["image"])
@@ -195,6 +206,9 @@ def _bad_items(directory: Path, good: dict) -> dict[str, tuple[dict, str, str]]:
     garbage.write_bytes(b"not an image at all")
     mgh = directory / "volume.mgz"
     nib.save(nib.MGHImage(ones, affine), mgh)
+    extreme = ones.copy()
+    extreme[0, 0, 0], extreme[1, 1, 1] = -3e38, 3e38
+    rgb = np.zeros(reference.shape, np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")]))
     files = {
         "missing file": str(directory / "absent.nii.gz"),
         "unreadable": str(garbage),
@@ -204,6 +218,10 @@ def _bad_items(directory: Path, good: dict) -> dict[str, tuple[dict, str, str]]:
         "channels": _write(directory / "two.nii.gz", np.stack([ones, ones], -1), affine),
         "NaN": _write(directory / "nan.nii.gz", nan, affine),
         "inf": _write(directory / "inf.nii.gz", inf, affine),
+        "degenerate affine": _write_zero_affine(directory / "flat.nii", ones),
+        "one slice": _write(directory / "slice.nii.gz", ones[..., :1], affine),
+        "extreme values": _write(directory / "extreme.nii.gz", extreme, affine),
+        "RGB": _write(directory / "rgb.nii.gz", rgb, affine),
     }
     problems = {
         "missing file": "not found",
@@ -214,6 +232,10 @@ def _bad_items(directory: Path, good: dict) -> dict[str, tuple[dict, str, str]]:
         "channels": "single channel",
         "NaN": "NaN",
         "inf": "infinite",
+        "degenerate affine": "degenerate",
+        "one slice": "at least",
+        "extreme values": "too wide",
+        "RGB": "RGB",
     }
     on_mask = ("shape", "affine")  # grid problems are between two images of an item: put the bad one as its mask
     return {
@@ -222,7 +244,10 @@ def _bad_items(directory: Path, good: dict) -> dict[str, tuple[dict, str, str]]:
     }
 
 
-BAD_CASES = ["missing file", "unreadable", "not NIfTI", "shape", "affine", "channels", "NaN", "inf", "empty"]
+BAD_CASES = [
+    "missing file", "unreadable", "not NIfTI", "shape", "affine", "channels", "NaN", "inf", "empty",
+    "degenerate affine", "one slice", "extreme values", "RGB",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("bundle", T1W_BUNDLES)
@@ -246,3 +271,120 @@ def test_bad_input_stops_inference_before_any_compute(bundle, case, tiny_dataset
     assert message.startswith("error: ") and problem in message and named in message, message
     assert stop.value.code == message  # Python prints it alone and exits with status 1
     assert not output.exists(), "nothing may be written on bad input"
+
+
+def _infer_in_process(bundle: str, tmp_path: Path, items: list[dict], output: Path, **overrides) -> None:
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"test": items}))
+    run_in_process(
+        "inferring",
+        config_file=str(REPOSITORY / "bundles" / bundle / "configs" / "inference.yaml"),
+        dataset_dir=str(tmp_path),
+        datalist=str(datalist),
+        output_dir=str(output),
+        num_workers=0,
+        **overrides,
+    )
+
+
+@pytest.mark.parametrize("case", ["output folder is a file", "existing result", "name collision"])
+def test_output_problems_stop_inference_before_any_compute(case, tiny_dataset, tmp_path):
+    good = {"image": str(tiny_dataset / "sub-4_3T.nii.gz"), "mask": str(tiny_dataset / "sub-4_mask.nii.gz")}
+    output = tmp_path / "out"
+    items, problem = [good], ""
+    if case == "output folder is a file":
+        output.write_text("a file")
+        problem = "the output folder is a file"
+    elif case == "existing result":
+        output.mkdir()
+        (output / "sub-4_3T_7t.nii.gz").write_text("an earlier result")
+        problem = "--overwrite True"
+    else:
+        twin = tmp_path / "elsewhere"
+        twin.mkdir()
+        (twin / "sub-4_3T.nii.gz").symlink_to(good["image"])
+        items, problem = [good, {"image": str(twin / "sub-4_3T.nii.gz")}], "would both be written"
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    with pytest.raises(SystemExit) as stop:
+        _infer_in_process("watnet", tmp_path, items, output)
+    assert str(stop.value).startswith("error: ") and problem in str(stop.value), stop.value
+    after = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file() and path.name != "datalist.json"}
+    assert after == {path: data for path, data in before.items() if path.name != "datalist.json"}
+
+
+def test_overwrite_replaces_an_existing_result_and_names_it(tiny_dataset, tmp_path, capfd):
+    good = {"image": str(tiny_dataset / "sub-4_3T.nii.gz"), "mask": str(tiny_dataset / "sub-4_mask.nii.gz")}
+    output = tmp_path / "out"
+    output.mkdir()
+    earlier = output / "sub-4_3T_7t.nii.gz"
+    earlier.write_text("an earlier result")
+    _infer_in_process("watnet", tmp_path, [good], output, overwrite=True)
+    assert nib.load(earlier).shape == nib.load(good["image"]).shape
+    assert sorted(path.name for path in output.iterdir()) == [earlier.name], "no temporary file may remain"
+    assert f"wrote 1 synthetic 7T volumes to {output}: {earlier.name}" in "".join(capfd.readouterr())
+
+
+TRAINING_PROBLEMS = {  # case: (overrides, words the message must contain)
+    "resume from a missing file": ({"resume_from": "{tmp}/absent.pt"}, "checkpoint to resume from not found"),
+    "resume from a model.pt": ({"resume_from": "{tmp}/model.pt"}, "not a training checkpoint"),
+    "output folder holds a run": ({}, "--overwrite True"),
+    "CUDA without a GPU": ({"device": "cuda"}, "CUDA"),
+}
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+@pytest.mark.parametrize("case", TRAINING_PROBLEMS)
+def test_training_problems_stop_before_any_compute(bundle, case, request, tmp_path):
+    if case == "CUDA without a GPU" and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is here")
+    dataset = _tiny_dataset(bundle, request)
+    overrides, problem = TRAINING_PROBLEMS[case]
+    overrides = {key: value.format(tmp=tmp_path) for key, value in overrides.items()}
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "model.pt")
+    output = tmp_path / "run"
+    if case == "output folder holds a run":
+        output.mkdir()
+        (output / "checkpoint_epoch=3.pt").write_bytes(b"an earlier run")
+    before = sorted(path for path in tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as stop:
+        run_in_process(
+            "training", config_file=str(REPOSITORY / "bundles" / bundle / "configs" / "train.yaml"),
+            dataset_dir=str(dataset), output_dir=str(output), **TINY_TRAININGS[bundle], **overrides,
+        )  # fmt: skip
+    assert str(stop.value).startswith("error: ") and problem in str(stop.value), stop.value
+    assert sorted(path for path in tmp_path.rglob("*")) == before, "nothing may be written"
+
+
+def test_a_training_volume_smaller_than_the_crop_stops_before_any_compute(tiny_dataset, tmp_path):
+    output = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        run_in_process(
+            "training", config_file=str(REPOSITORY / "bundles" / "watnet" / "configs" / "train.yaml"),
+            dataset_dir=str(tiny_dataset), output_dir=str(output),
+            **{**TINY_TRAININGS["watnet"], "patch_size": [64, 64]},
+        )  # fmt: skip
+    assert "at least" in str(stop.value) and "sub-1_7T.nii.gz" in str(stop.value), stop.value
+    assert not output.exists()
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tiny_dataset, tmp_path):
+    """Two epochs straight against one epoch, killed, and resumed from its checkpoint_epoch=1.pt: the random draws
+    (degradations, patches), the optimiser, the schedule and the best metric continue, so the weights are equal."""
+    config = str(REPOSITORY / "bundles" / "watnet" / "configs" / "train.yaml")
+    common = {**TINY_TRAININGS["watnet"], "max_epochs": 2, "dataset_dir": str(tiny_dataset)}
+    run_in_process("training", config_file=config, output_dir=str(tmp_path / "straight"), **common)
+    run_in_process(
+        "training", config_file=config, output_dir=str(tmp_path / "killed"), **common, **{"train#trainer#max_epochs": 1}
+    )
+    run_in_process(
+        "training", config_file=config, output_dir=str(tmp_path / "killed"), **common,
+        resume_from=str(tmp_path / "killed" / "checkpoint_epoch=1.pt"),
+    )  # fmt: skip
+    straight, resumed = (
+        torch.load(tmp_path / run / "checkpoint_final.pt", map_location="cpu", weights_only=True)
+        for run in ("straight", "killed")
+    )
+    assert resumed["trainer"]["iteration"] == straight["trainer"]["iteration"]
+    for name, value in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][name], value, rtol=0, atol=0, msg=name)
+    assert resumed["validation_state"]["best_metric"] == straight["validation_state"]["best_metric"]

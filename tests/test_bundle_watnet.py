@@ -113,7 +113,7 @@ def test_training_writes_loadable_checkpoints_and_logs(trained):
     network = WATNet()
     network.load_state_dict(torch.load(trained / "model.pt", map_location="cpu", weights_only=True))
     final = torch.load(trained / "checkpoint_final.pt", map_location="cpu", weights_only=False)
-    assert set(final) == {"model", "optimizer", "lr_scheduler", "trainer"}
+    assert set(final) == {"model", "optimizer", "lr_scheduler", "trainer", "random_states", "validation_state"}
     assert final["trainer"]["iteration"] == final["trainer"]["epoch_length"] == 2  # 2 volumes, 1 draw of 4 per batch
     # the released solver's groups (biases and the output conv at 0.1 x the learning rate), no weight decay
     groups = final["optimizer"]["param_groups"]
