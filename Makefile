@@ -56,6 +56,15 @@ clean:
 release: $(STAMP)
 	$(BIN)/python scripts/build_release.py $(RELEASE_ARGS)
 
+# `make zoo-check` (scripts/zoo_check.py, README "Deploy"): the MONAI model zoo CI's checks, with this project's code,
+# on the release archives unpacked in $(ZOO_DIR)/models, each in a virtual environment holding only the packages of
+# its metadata (cached in $(ZOO_DIR)/venv), plus its unit test tests/zoo/test_<bundle>.py; on demand, not in
+# `make test`. Options through ZOO_CHECK_ARGS, e.g. ZOO_CHECK_ARGS="--bundles watnet".
+ZOO_DIR ?= build/zoo
+.PHONY: zoo-check
+zoo-check: $(STAMP)
+	$(BIN)/python scripts/zoo_check.py --work_dir $(ZOO_DIR) --python $(PYTHON) $(ZOO_CHECK_ARGS)
+
 # The MONAI Deploy app (apps/monai_deploy/app.py) in its own virtual environment: monai-deploy-app-sdk, holoscan and
 # what they need (apps/monai_deploy/requirements.txt) beside the repository, then its test, which $(VENV) skips.
 DEPLOY_VENV ?= .venv-monai-deploy
