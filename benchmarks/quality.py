@@ -3,7 +3,8 @@
 - Each T1w bundle's evaluation (``train.yaml`` + ``evaluate.yaml``) on the ``test`` subjects of the TELL data
   prepared under both degradation recipes (README "Preparing training data": ``realistic`` and ``seed001``; the same
   held-out subjects, sub-TELL0106 and sub-TELL0107, never seen in training), next to the identity baseline (the 3T
-  input scored as the prediction) and, for the seed-001 recipe, next to the seed's Table 1 (spec ``watnet.md`` §6.1:
+  input scored as the prediction), the Gaussian baseline (the 3T input filtered with the per-subject best sigma of
+  ``synth7t.handlers.GAUSSIAN_SIGMAS``, an upper bound for any fixed blur) and, for the seed-001 recipe, next to the seed's Table 1 (spec ``watnet.md`` §6.1:
   10-fold leave-one-out means over ten subjects of which seven are public, so a reference, not a like-for-like
   comparison).
 - A figure per bundle: ``scripts/demo.py`` on the shipped sample (input, prediction, real 7T and error on the same
@@ -89,22 +90,21 @@ def _bundle_run(run_id: str, configs: list[Path], **overrides: str) -> None:
 
 
 def evaluate(bundle: str, recipe: str, work: Path) -> dict[str, Any]:
-    """The bundle's evaluation on the recipe's test subjects: mean and std of each column, model and identity."""
+    """The bundle's evaluation on the recipe's test subjects: mean and std of each column, model and baselines."""
     output = work / f"{bundle}_{recipe}"
     configs = [REPOSITORY / "bundles" / bundle / "configs" / name for name in EVALUATION_CONFIGS]
-    _bundle_run("evaluating", configs, dataset_dir=str(dataset(recipe)), output_dir=str(output))
+    _bundle_run("evaluating", configs, dataset_dir=str(dataset(recipe)), output_dir=str(output), overwrite="True")
     return summarise(output)
 
 
 def summarise(output: Path) -> dict[str, Any]:
-    """Mean and std of each column, model and identity, from an evaluation's ``metrics_summary.json``."""
+    """Mean and std of each column, model and baselines, from an evaluation's ``metrics_summary.json``."""
     summary = json.loads((output / "metrics_summary.json").read_text())
-    return {
-        "subjects": summary["psnr"]["n"],
-        "model": {c: (round(summary[c]["mean"], 4), round(summary[c]["std"], 4)) for c in COLUMNS},
-        "identity": {c: (round(summary[f"identity_{c}"]["mean"], 4), round(summary[f"identity_{c}"]["std"], 4))
-                     for c in COLUMNS},
-    }  # fmt: skip
+    columns = {
+        name: {c: (round(summary[f"{prefix}{c}"]["mean"], 4), round(summary[f"{prefix}{c}"]["std"], 4)) for c in COLUMNS}
+        for name, prefix in (("model", ""), ("identity", "identity_"), ("gaussian", "gaussian_"))
+    }
+    return {"subjects": summary["psnr"]["n"], **columns}
 
 
 def figures(work: Path, destination: Path) -> dict[str, str]:
@@ -138,22 +138,28 @@ def _cell(pair: tuple[float, float], digits: int) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """PSNR / SSIM / MAE (mean ± std over the held-out subjects) of model and identity, then the seed's Table 1."""
+    """PSNR / SSIM / MAE (mean ± std over the held-out subjects) of model / identity / Gaussian, whether the model
+    beats both baselines on all three, then the seed's Table 1."""
     rows = [
-        "| bundle | recipe | n | PSNR model | PSNR identity | SSIM model | SSIM identity | MAE model | MAE identity |",
-        "| --- | --- | ---: | --- | --- | --- | --- | --- | --- |",
+        "| bundle | recipe | n | PSNR model / identity / Gaussian | SSIM model / identity / Gaussian | "
+        "MAE model / identity / Gaussian | beats both baselines |",
+        "| --- | --- | ---: | --- | --- | --- | --- |",
     ]
+    names = ("model", "identity", "gaussian")
     for key, e in result["evaluations"].items():
         bundle, recipe = key.split("/")
-        m, i = e["model"], e["identity"]
+        cells = {c: " / ".join(_cell(e[n][c], 2 if c == "psnr" else 4) for n in names) for c in ("psnr", "ssim", "mae")}
+        beats = all(e["model"][c][0] > max(e["identity"][c][0], e["gaussian"][c][0]) for c in ("psnr", "ssim")) and (
+            e["model"]["mae"][0] < min(e["identity"]["mae"][0], e["gaussian"]["mae"][0])
+        )
         rows.append(
-            f"| {bundle} | {recipe} | {e['subjects']} | {_cell(m['psnr'], 2)} | {_cell(i['psnr'], 2)} | "
-            f"{_cell(m['ssim'], 4)} | {_cell(i['ssim'], 4)} | {_cell(m['mae'], 4)} | {_cell(i['mae'], 4)} |"
+            f"| {bundle} | {recipe} | {e['subjects']} | {cells['psnr']} | {cells['ssim']} | {cells['mae']} | "
+            f"{'yes' if beats else '**no**'} |"
         )
     for name, values in SEED_TABLE_1.items():
         label = {"identity": "identity (worst case)", "basic_cnn": "BasicCNN", "watnet": "WATNet"}[name]
         rows.append(
-            f"| seed 001 Table 1: {label} | seed001 | 10 (LOO) | {_cell(values['psnr'], 2)} | | "
-            f"{_cell(values['ssim'], 4)} | | {_cell(values['mae'], 4)} | |"
+            f"| seed 001 Table 1: {label} | seed001 | 10 (LOO) | {_cell(values['psnr'], 2)} | "
+            f"{_cell(values['ssim'], 4)} | {_cell(values['mae'], 4)} | |"
         )
     return "\n".join(rows)

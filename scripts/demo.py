@@ -4,8 +4,9 @@
 
 For every T1w bundle it runs the bundle's own inference workflow (`python -m monai.bundle run inferring`,
 in-process) on the sample of `samples/`, writes the synthetic 7T NIfTI and a PNG figure (axial, coronal, sagittal:
-3T input | synthetic 7T | real 7T | error map) under `<output_dir>/<bundle>/`, and prints where they are with the
-PSNR and SSIM of the input (identity baseline) and of the output against the real 7T. A T1w bundle joins the demo by
+3T input | synthetic 7T | real 7T | input error | output error, both errors on one colour scale) under `<output_dir>/<bundle>/`, and prints where they are with the
+PSNR and SSIM of the input (identity baseline), of the input under the best Gaussian filter of a small grid (the
+Gaussian baseline) and of the output against the real 7T. A T1w bundle joins the demo by
 adding a `Demo` to `DEMOS`.
 
 `vct_adc7t` needs a diffusion series: its demo first simulates one from the sample's 7T volume, as
@@ -24,12 +25,14 @@ from pathlib import Path
 import fire
 import nibabel as nib
 import numpy as np
+import torch
 from monai.bundle import ConfigParser
 from monai.bundle import run as run_bundle
 from nibabel.processing import resample_from_to
 
 from synth7t.diffusion_phantom import simulate_subject
 from synth7t.figures import comparison_figure
+from synth7t.handlers import gaussian_baseline
 from synth7t.metrics import volume_metrics
 from synth7t.transforms import PercentileScaleIntensity, fit_adc, read_fsl_bvals, read_fsl_bvecs
 
@@ -89,6 +92,7 @@ def run_demo(demo: Demo, output_root: Path) -> dict[str, dict[str, float]]:
         dataset_dir=str(SAMPLES),
         datalist=str(datalist),
         output_dir=str(output_dir),
+        overwrite=True,  # the demo's own folder: a rerun replaces its results
     )
 
     input_name = demo.item[demo.input_key].removesuffix(".nii.gz")
@@ -101,8 +105,10 @@ def run_demo(demo: Demo, output_root: Path) -> dict[str, dict[str, float]]:
     target = np.asarray(scale(_load_ras(SAMPLES / demo.target)[None], mask[None])[0])
     prediction = _load_ras(prediction_path)
 
+    sigma, smoothed = gaussian_baseline(*(torch.as_tensor(a, dtype=torch.float32)[None] for a in (image, target, mask)))
     metrics = {
         "3T input": volume_metrics(image, target, mask),
+        f"3T Gaussian σ {sigma}": volume_metrics(smoothed[0].numpy(), target, mask),
         "synthetic 7T": volume_metrics(prediction, target, mask),
     }
     figure = comparison_figure(
@@ -132,7 +138,7 @@ def run_vct_demo(output_root: Path) -> dict[str, dict[str, float]]:
         datalist.write_text(json.dumps({"test": [datalist_item]}, indent=2) + "\n")
         run_bundle(
             run_id, config_file=[str(configs / name) for name in config_names], dataset_dir=str(sample_dir),
-            datalist=str(datalist), output_dir=str(out),
+            datalist=str(datalist), output_dir=str(out), overwrite=True,
         )  # fmt: skip
 
     prediction_path = output_dir / item["t1w"].replace(".nii.gz", "_7t.nii.gz")
@@ -160,7 +166,10 @@ def run_vct_demo(output_root: Path) -> dict[str, dict[str, float]]:
         row = {k: float(v) for k, v in next(csv.DictReader(table)).items() if k != "subject"}
     metrics = {
         "3T ADC (resampled)": {k.removeprefix("identity_"): v for k, v in row.items() if k.startswith("identity_")},
-        "synthetic 7T ADC": {k: v for k, v in row.items() if not k.startswith("identity_")},
+        f"3T ADC Gaussian σ {row['gaussian_sigma']:g}": {
+            k.removeprefix("gaussian_"): v for k, v in row.items() if k.startswith("gaussian_")
+        },
+        "synthetic 7T ADC": {k: v for k, v in row.items() if not k.startswith(("identity_", "gaussian_"))},
     }
     print(f"\n{bundle}: synthetic 7T ADC {prediction_path}\n{bundle}: figure           {figure}")
     _print_metrics(metrics)

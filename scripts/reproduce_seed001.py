@@ -35,12 +35,16 @@ def run_fold(datalist: Path, data_dir: Path, output: Path, model: str, bf16: boo
     if bf16:
         overrides["network"] = "$synth7t.engines.AutocastNetwork(@network_def.to(@device))"
     if not (output / "train" / "checkpoint_final.pt").is_file():
-        run_bundle("training", config_file=_configs("train.yaml", *MODELS[model]), output_dir=str(output / "train"), **overrides)
+        run_bundle(  # a fold without its final checkpoint (an interrupted run) starts over
+            "training", config_file=_configs("train.yaml", *MODELS[model]), output_dir=str(output / "train"),
+            overwrite=True, **overrides,
+        )  # fmt: skip
     run_bundle(
         "evaluating",
         config_file=_configs("train.yaml", *MODELS[model], "evaluate.yaml"),
         output_dir=str(output / "evaluate"),
         ckpt_path=str(output / "train" / "checkpoint_final.pt"),
+        overwrite=True,
         **overrides,
     )
     lines = (output / "evaluate" / "metrics.csv").read_text().splitlines()

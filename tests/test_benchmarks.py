@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from benchmarks import adc, inference, training
+from benchmarks import adc, inference, quality, training
 from benchmarks.measure import REPOSITORY, run_case_in_subprocess, time_call
 
 
@@ -68,3 +68,22 @@ def test_report_with_training_curves(tmp_path) -> None:
     result = json.loads((tmp_path / "bench.json").read_text())
     assert "Machine:" in report and "![vct_adc7t](figures/vct_adc7t_training.png)" in report
     assert all((tmp_path / path).is_file() for path in result["curves"].values())
+
+
+def test_quality_report_sets_the_model_beside_both_baselines(tmp_path) -> None:
+    def summary(model: float, identity: float, gaussian: float) -> dict:
+        columns = {}
+        for prefix, psnr in (("", model), ("identity_", identity), ("gaussian_", gaussian)):
+            for column in quality.COLUMNS:
+                value = psnr if column.startswith("psnr") else 0.9 + psnr / 1000 if "ssim" in column else 1 / psnr
+                columns[f"{prefix}{column}"] = {"mean": value, "std": 0.5, "n": 2}
+        return columns
+
+    result = {"evaluations": {}}
+    for key, figures in {"watnet/realistic": (31.0, 28.0, 29.0), "watnet/seed001": (29.5, 28.0, 30.0)}.items():
+        (tmp_path / key).mkdir(parents=True)
+        (tmp_path / key / "metrics_summary.json").write_text(json.dumps(summary(*figures)))
+        result["evaluations"][key] = quality.summarise(tmp_path / key)
+    report = quality.markdown(result)
+    assert "| watnet | realistic | 2 | 31.00 ± 0.50 / 28.00 ± 0.50 / 29.00 ± 0.50 |" in report
+    assert report.splitlines()[2].endswith("| yes |") and report.splitlines()[3].endswith("| **no** |")
