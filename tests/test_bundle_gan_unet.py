@@ -83,13 +83,13 @@ def trained_gan(tiny_dataset: Path, trained_unet: Path, tmp_path_factory: pytest
     ],
 )
 def test_check_properties(configs, workflow_type, tiny_dataset, tmp_path):
-    checkpoint = tmp_path / "model.pt"
+    checkpoint = tmp_path / "model.pt"  # beside the output folder: training refuses a folder holding a run
     torch.save(AttentionResUNet(**TINY_NETWORK).state_dict(), checkpoint)
     workflow = ConfigWorkflow(
         config_file=[str(CONFIGS / name) for name in configs],
         workflow_type=workflow_type,
         dataset_dir=str(tiny_dataset),
-        output_dir=str(tmp_path),
+        output_dir=str(tmp_path / "run"),
         ckpt_path=str(checkpoint),
         perceptual_weight=0,
         num_workers=0,
@@ -233,11 +233,13 @@ def test_thesis_gan_overlay():
     assert all(m.num_groups == 1 for m in critic.modules() if isinstance(m, torch.nn.GroupNorm))
 
 
-def test_default_is_the_compact_unconditioned_generator_with_a_global_residual():
+def test_default_is_the_compact_unconditioned_generator_without_a_global_residual():
     parser, network, critic = _network(["train.yaml"])
     assert _count(network) == 680_565 and network.context_dim is None and critic is None
     assert parser.get_parsed_content("divisible_by") == 16
-    assert network.residual_start == 1 and parser["randomize_degradation"]  # the middle of 3 slices
+    assert network.residual_start == -1 and parser["randomize_degradation"]  # as the shipped weights
+    _, with_residual, _ = _network(["train.yaml"], global_residual=True)
+    assert with_residual.residual_start == 1  # the middle of 3 slices
 
 
 def test_evaluation_writes_per_subject_metrics_with_identity_and_gaussian_baselines(
@@ -330,7 +332,7 @@ def test_torchrun_trains_on_two_cpu_processes(configs, tiny_dataset, tmp_path):
         ({"context_fields": ["age"], "cross_attention_stages": [2]}, "the conditioned network needs 'age'"),
         (
             {"warm_start_from": "/nonexistent/unet.pt", "perceptual_weight": 0},
-            "/nonexistent/unet.pt: U-Net checkpoint not found",
+            "/nonexistent/unet.pt: checkpoint to start from not found",
         ),
     ],
 )
