@@ -12,6 +12,7 @@ reads checkpoints with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -128,5 +129,11 @@ class ValidationState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.evaluator.state.best_metric = state["best_metric"]
         self.evaluator.state.best_metric_epoch = state["best_metric_epoch"]
-        if self.best_model_saver is not None and state["saved"]:
-            self.best_model_saver.load_state_dict({"_saved": [tuple(item) for item in state["saved"]]})
+        if self.best_model_saver is None or not state["saved"]:
+            return
+        # A run resumed into another output folder has no best model there yet: ignite would delete the file it
+        # recorded before writing a better one, so only records whose file is in this saver's folder are restored.
+        folder = Path(self.best_model_saver.save_dir)
+        saved = [tuple(item) for item in state["saved"] if (folder / item[1]).is_file()]
+        if saved:
+            self.best_model_saver.load_state_dict({"_saved": saved})

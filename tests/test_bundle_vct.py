@@ -69,7 +69,7 @@ def test_check_properties(configs, workflow_type, tiny_diffusion_dataset, tmp_pa
         config_file=[str(CONFIGS / name) for name in configs],
         workflow_type=workflow_type,
         dataset_dir=str(tiny_diffusion_dataset),
-        output_dir=str(tmp_path),
+        output_dir=str(tmp_path / "run"),  # not the checkpoint's folder: training refuses a folder holding a run
         ckpt_path=str(checkpoint),
         num_workers=0,
         **TINY_NETWORK,

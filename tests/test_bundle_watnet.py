@@ -78,6 +78,7 @@ def test_check_properties(configs, workflow_type, tiny_dataset, tmp_path):
         dataset_dir=str(tiny_dataset),
         output_dir=str(tmp_path),
         num_workers=0,
+        patch_size=[16, 16],  # the tiny volumes are 40 x 36: training refuses volumes smaller than a patch
     )
     workflow.initialize()
     assert workflow.check_properties() == []
