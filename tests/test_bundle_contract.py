@@ -244,6 +244,20 @@ def _bad_items(directory: Path, good: dict) -> dict[str, tuple[dict, str, str]]:
     }
 
 
+def _infer_in_process(bundle: str, tmp_path: Path, items: list[dict], output: Path, **overrides) -> None:
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"test": items}))
+    run_in_process(
+        "inferring",
+        config_file=str(REPOSITORY / "bundles" / bundle / "configs" / "inference.yaml"),
+        dataset_dir=str(tmp_path),
+        datalist=str(datalist),
+        output_dir=str(output),
+        num_workers=0,
+        **overrides,
+    )
+
+
 BAD_CASES = [
     "missing file", "unreadable", "not NIfTI", "shape", "affine", "channels", "NaN", "inf", "empty",
     "degenerate affine", "one slice", "extreme values", "RGB",
@@ -257,34 +271,13 @@ def test_bad_input_stops_inference_before_any_compute(bundle, case, tiny_dataset
     datalist = tmp_path / "datalist.json"
     cases = _bad_items(tmp_path, good) | {"empty": ({}, "no items", str(datalist))}
     item, problem, named = cases[case]
-    datalist.write_text(json.dumps({"test": [good, item] if item else []}))
     output = tmp_path / "out"
     with pytest.raises(SystemExit) as stop:
-        run_in_process(
-            "inferring",
-            config_file=str(REPOSITORY / "bundles" / bundle / "configs" / "inference.yaml"),
-            dataset_dir=str(tmp_path),
-            datalist=str(datalist),
-            output_dir=str(output),
-        )
+        _infer_in_process(bundle, tmp_path, [good, item] if item else [], output)
     message = str(stop.value)
     assert message.startswith("error: ") and problem in message and named in message, message
     assert stop.value.code == message  # Python prints it alone and exits with status 1
     assert not output.exists(), "nothing may be written on bad input"
-
-
-def _infer_in_process(bundle: str, tmp_path: Path, items: list[dict], output: Path, **overrides) -> None:
-    datalist = tmp_path / "datalist.json"
-    datalist.write_text(json.dumps({"test": items}))
-    run_in_process(
-        "inferring",
-        config_file=str(REPOSITORY / "bundles" / bundle / "configs" / "inference.yaml"),
-        dataset_dir=str(tmp_path),
-        datalist=str(datalist),
-        output_dir=str(output),
-        num_workers=0,
-        **overrides,
-    )
 
 
 @pytest.mark.parametrize("case", ["output folder is a file", "existing result", "name collision"])
