@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
+# two workers (pytest-xdist), each running whole test files; the 15 slowest tests are listed at the end
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations 15
 
 # TorchScript (metadata.json and inference.yaml embedded, as MONAI Deploy loads them) and ONNX exports of each
 # bundle's default network from its models/model.pt; rerun after replacing a model.pt. model.ts is scripted

@@ -6,6 +6,7 @@ Parts, in order: whole-volume inference (``benchmarks.inference``), training thr
 the ADC fit against DIPY (``benchmarks.adc``), quality on held-out subjects with the sample figures
 (``benchmarks.quality``, reused from the previous ``<name>.json`` while weights and data are unchanged) and the
 training curves (``benchmarks.curves``). CUDA cases are added when a GPU is present. Nothing here asserts a figure.
+``--parts`` reruns some parts; the others are kept from the previous ``<name>.json``, the report giving their date.
 """
 
 from __future__ import annotations
@@ -61,8 +62,10 @@ def report(result: dict[str, Any]) -> str:
         "",
         f"Machine: {hardware}; GPU: {m['gpu'] or 'none'}. {software}.",
         f"Command: `{result['command']}`; part durations (s): {result['seconds']}.",
-        "",
     ]
+    if result.get("kept"):
+        lines += [f"Kept from earlier runs (part: date of its run): {result['kept']}."]
+    lines += [""]
     if "inference" in result:
         lines += ["## Whole-volume inference", "", inference.markdown(result["inference"]), ""]
     if "training" in result:
@@ -91,7 +94,8 @@ def main(output_dir: str = "benchmarks/results", name: str = "bench", parts: tup
     seconds: dict[str, float] = {}
     result: dict[str, Any] = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": f"python -m benchmarks --output_dir {output_dir} --name {name}",
+        "command": f"python -m benchmarks --output_dir {output_dir} --name {name}"
+        + ("" if tuple(parts) == PARTS else f" --parts \"{list(parts)}\""),
         "machine": machine(),
         "seconds": seconds,
     }
@@ -104,6 +108,12 @@ def main(output_dir: str = "benchmarks/results", name: str = "bench", parts: tup
     }
     for part in parts:
         result[part] = _timed(part, runners[part], seconds)
+    kept = {
+        part: previous.get("kept", {}).get(part, previous["date"])
+        for part in PARTS
+        if part not in parts and part in previous
+    }
+    result.update({part: previous[part] for part in kept}, kept=kept)
     output.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=1) + "\n")
     markdown_path = output / f"{name}.md"

@@ -1,5 +1,5 @@
-"""One datalist over prepared folders of several recipes (``synth7t.prepare.merge_datalists``): training items of the
-first folder, validation and test items of every folder, paths relative to the new datalist's folder.
+"""One datalist over prepared folders of several recipes (``synth7t.prepare.merge_datalists``): the training,
+validation and test items of every folder, each tagged with its recipe, paths relative to the new datalist's folder.
 
     python scripts/merge_datalists.py --output data/tell7t_recipes.json \
         --folders data/tell7t_realistic,data/tell7t_seed001

@@ -251,10 +251,10 @@ def prepare_pairs(
 def merge_datalists(output: str | os.PathLike, folders: Sequence[str | os.PathLike], overwrite: bool = False) -> Path:
     """One datalist over several prepared folders (one per recipe), for training one model on all of them.
 
-    ``validation`` and ``test`` hold the items of every folder's lists, each item gaining ``"recipe"`` (from the
-    folder's ``preparation.json``), so a model is selected and reported under every recipe; ``training`` holds the
-    first folder's training items only, since degradation-randomized training simulates its 3T inputs from the 7T
-    targets itself and the folders share their subjects. Paths are made relative to the datalist's own folder, so
+    Every split holds the items of every folder's list, each item gaining ``"recipe"`` (from the folder's
+    ``preparation.json``), so a model is selected and reported under every recipe, and degradation-randomized
+    training (whose ``fixed_pair_prob`` keeps an item's own 3T now and then) sees each recipe's fixed pairs beside
+    the degradations it simulates from their 7T targets. Paths are made relative to the datalist's own folder, so
     that folder is the ``dataset_dir``. Every folder's datalist is read and its subjects checked to agree before
     ``output`` is written.
 
@@ -287,8 +287,8 @@ def merge_datalists(output: str | os.PathLike, folders: Sequence[str | os.PathLi
         return {**item, **paths, "recipe": recipe(folder)}
 
     folders = [f.resolve() for f in folders]
-    merged = {"training": [relocated(item, folders[0]) for item in lists[0].get("training", [])]}
-    for split in ("validation", "test"):
+    merged = {}
+    for split in ("training", "validation", "test"):
         merged[split] = [relocated(item, f) for f, content in zip(folders, lists) for item in content.get(split, [])]
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(merged, indent=2) + "\n")

@@ -70,6 +70,22 @@ def test_report_with_training_curves(tmp_path) -> None:
     assert all((tmp_path / path).is_file() for path in result["curves"].values())
 
 
+def test_a_run_of_some_parts_keeps_the_others_with_their_date(tmp_path, monkeypatch) -> None:
+    from benchmarks import __main__ as bench
+
+    monkeypatch.setattr(bench.adc, "run", lambda: {"cases": "first"})
+    monkeypatch.setattr(bench.adc, "markdown", lambda result: f"ADC table {result['cases']}")
+    bench.main(output_dir=str(tmp_path), parts=("adc",))
+    first = json.loads((tmp_path / "bench.json").read_text())
+    monkeypatch.setattr(bench, "_curves", lambda figure_dir: {})
+    bench.main(output_dir=str(tmp_path), parts=("curves",))
+    second = json.loads((tmp_path / "bench.json").read_text())
+    assert second["adc"] == {"cases": "first"} and second["kept"] == {"adc": first["date"]}
+    assert set(second["seconds"]) == {"curves"} and "--parts \"['curves']\"" in second["command"]
+    report = (tmp_path / "bench.md").read_text()
+    assert "ADC table first" in report and f"'adc': '{first['date']}'" in report
+
+
 def test_quality_report_sets_the_model_beside_both_baselines(tmp_path) -> None:
     def summary(model: float, identity: float, gaussian: float) -> dict:
         columns = {}

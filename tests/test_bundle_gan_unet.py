@@ -102,9 +102,13 @@ def test_check_properties(configs, workflow_type, tiny_dataset, tmp_path):
 def test_unet_training_writes_a_loadable_generator(trained_unet):
     assert {"model.pt", "checkpoint_epoch=1.pt", "checkpoint_final.pt"} <= {p.name for p in trained_unet.iterdir()}
     network = AttentionResUNet(in_channels=3, out_channels=1, global_residual=True, **TINY_NETWORK)
-    network.load_state_dict(torch.load(trained_unet / "model.pt", weights_only=True))
+    best = torch.load(trained_unet / "model.pt", weights_only=True)
+    network.load_state_dict(best)
     checkpoint = torch.load(trained_unet / "checkpoint_final.pt", weights_only=True)
-    assert {"model", "optimizer", "lr_scheduler", "trainer"} <= set(checkpoint)
+    assert {"model", "ema_model", "optimizer", "lr_scheduler", "trainer"} <= set(checkpoint)
+    # model.pt holds the moving average that validation scored (one epoch: the final one), not the raw weights
+    assert all(torch.equal(best[name], checkpoint["ema_model"][name]) for name in best)
+    assert not all(torch.equal(best[name], checkpoint["model"][name]) for name in best)
     # warm-up and cosine decay stepped per iteration, over all iterations of the run
     assert checkpoint["lr_scheduler"]["last_epoch"] == checkpoint["lr_scheduler"]["t_total"] == 2
     assert list(trained_unet.glob("events.out.tfevents.*"))
@@ -113,6 +117,8 @@ def test_unet_training_writes_a_loadable_generator(trained_unet):
 def test_gan_checkpoint_holds_both_networks_and_optimizers(trained_gan):
     checkpoint = torch.load(trained_gan / "checkpoint_final.pt", weights_only=True)
     assert {"model", "critic", "optimizer", "critic_optimizer", "lr_scheduler", "trainer"} <= set(checkpoint)
+    # train_gan.yaml keeps the raw generator weights (ema_momentum null): its ema_model entry is the generator itself
+    assert all(torch.equal(checkpoint["ema_model"][name], value) for name, value in checkpoint["model"].items())
     trainer = checkpoint["trainer"]
     assert set(trainer) == {"iteration", "epoch_length", "max_epochs"}  # no pickled networks
     assert trainer["iteration"] == trainer["epoch_length"]  # one epoch

@@ -112,9 +112,15 @@ def test_training_writes_loadable_checkpoints_and_logs(trained):
     assert {"model.pt", "checkpoint_epoch=1.pt", "checkpoint_final.pt"} <= {p.name for p in trained.iterdir()}
     assert list(trained.glob("events.out.tfevents.*")), "no TensorBoard log"
     network = WATNet()
-    network.load_state_dict(torch.load(trained / "model.pt", map_location="cpu", weights_only=True))
+    best = torch.load(trained / "model.pt", map_location="cpu", weights_only=True)
+    network.load_state_dict(best)
     final = torch.load(trained / "checkpoint_final.pt", map_location="cpu", weights_only=False)
-    assert set(final) == {"model", "optimizer", "lr_scheduler", "trainer", "random_states", "validation_state"}
+    assert set(final) == {
+        "model", "ema_model", "optimizer", "lr_scheduler", "trainer", "random_states", "validation_state"
+    }  # fmt: skip
+    # model.pt holds the moving average that validation scored (one epoch: the final one), not the raw weights
+    assert all(torch.equal(best[name], final["ema_model"][name]) for name in best)
+    assert not all(torch.equal(best[name], final["model"][name]) for name in best)
     assert final["trainer"]["iteration"] == final["trainer"]["epoch_length"] == 2  # 2 volumes, 1 draw of 4 per batch
     # the released solver's groups (biases and the output conv at 0.1 x the learning rate), no weight decay
     groups = final["optimizer"]["param_groups"]

@@ -406,7 +406,12 @@ def test_merge_datalists_spans_both_recipes(realistic, seed001, tmp_path):
     merged_path = merge_datalists(tmp_path / "merged" / "recipes.json", [realistic, seed001])
     merged = json.loads(merged_path.read_text())
     assert [item["recipe"] for item in merged["validation"]] == ["realistic", "seed001"]
-    assert len(merged["test"]) == 4 and {item["recipe"] for item in merged["training"]} == {"realistic"}
+    assert len(merged["test"]) == 4
+    # every recipe's fixed training pairs, the folders' own training subjects
+    training = json.loads((realistic / "datalist.json").read_text())["training"]
+    assert [(item["recipe"], item["subject"]) for item in merged["training"]] == [
+        (recipe, item["subject"]) for recipe in ("realistic", "seed001") for item in training
+    ]
     # paths relative to the merged datalist's folder: it is the dataset_dir
     for split in ("training", "validation", "test"):
         items = load_datalist(merged_path, split, merged_path.parent, image_keys=[], target_keys=["label"])

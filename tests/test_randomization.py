@@ -233,3 +233,21 @@ def test_rejects_bad_ranges():
         RandSimulate3T(noise_prob=1.5)
     with pytest.raises(ValueError, match="mask of shape"):
         RandSimulate3T()(brain_phantom(), mask=torch.ones(3, 3, 3))
+
+
+def test_fixed_pair_prob_keeps_an_items_own_pair_at_that_rate():
+    x = brain_phantom()
+    own = torch.full_like(x, 0.25)
+    transform = RandSimulate3Td(keys="label", output_key="image", mask_key=None, fixed_pair_prob=0.3)
+    transform.set_random_state(3)
+    kept = 0
+    for _ in range(200):
+        out = transform({"label": x, "image": own})
+        if torch.equal(out["image"], own):
+            kept += 1
+            assert torch.equal(out["label"], x)
+    assert 40 <= kept <= 80  # 60 expected; binomial sd 6.5
+    # an item without its own 3T is always simulated
+    assert not torch.equal(transform({"label": x})["image"], x)
+    with pytest.raises(ValueError, match="fixed_pair_prob"):
+        RandSimulate3Td(fixed_pair_prob=1.5)

@@ -365,12 +365,18 @@ class RandSimulate3Td(Randomizable, MapTransform):
 
     ``keys`` (one key) is replaced by the target (changed only when histogram matching is drawn) and ``output_key``
     receives the simulated 3T, with the 7T's metadata. ``set_random_state`` seeds the wrapped transform, so both
-    forms give the same result for the same seed.
+    forms give the same result for the same seed (without ``fixed_pair_prob``).
+
+    An item that already holds a 3T image at ``output_key`` (a fixed-recipe pair of the datalist) keeps it, unchanged
+    with its target, with probability ``fixed_pair_prob``: training then mixes the fixed recipes, which are the
+    evaluation's degradations, into the randomized ones (the bundles' default, see their model cards).
 
     Args:
         keys: key of the 7T target. Default ``"label"``.
         output_key: key written with the simulated 3T. Default ``"image"``.
         mask_key: key of the brain mask; None uses the 7T's non-zero voxels. Default ``"mask"``.
+        fixed_pair_prob: probability of keeping an item's own ``output_key`` image instead of simulating one; items
+            without one are always simulated. Default 0.
         kwargs: the arguments of :class:`RandSimulate3T`.
     """
 
@@ -381,12 +387,16 @@ class RandSimulate3Td(Randomizable, MapTransform):
         keys: KeysCollection = "label",
         output_key: str = "image",
         mask_key: str | None = "mask",
+        fixed_pair_prob: float = 0.0,
         allow_missing_keys: bool = False,
         **kwargs: Any,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         if len(self.keys) != 1:
             raise ValueError(f"keys must be a single key, got {self.keys}.")
+        if not 0.0 <= fixed_pair_prob <= 1.0:
+            raise ValueError(f"fixed_pair_prob must be in [0, 1], got {fixed_pair_prob}.")
+        self.fixed_pair_prob = fixed_pair_prob
         self.output_key = output_key
         self.mask_key = mask_key
         self.simulate = RandSimulate3T(**kwargs)
@@ -402,8 +412,11 @@ class RandSimulate3Td(Randomizable, MapTransform):
         self.simulate.randomize(data)
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
-        """Return a shallow copy of ``data`` with the simulated 3T at ``output_key`` and the target at ``keys``."""
+        """Return a shallow copy of ``data`` with the simulated 3T at ``output_key`` and the target at ``keys`` (or,
+        drawn with ``fixed_pair_prob``, the item's own pair)."""
         d = dict(data)
+        if self.fixed_pair_prob > 0 and self.output_key in d and self.R.rand() < self.fixed_pair_prob:
+            return d
         for key in self.key_iterator(d):
             mask = d.get(self.mask_key) if self.mask_key is not None else None
             d[self.output_key], d[key] = self.simulate(d[key], mask=mask)
