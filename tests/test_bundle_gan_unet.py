@@ -239,13 +239,17 @@ def test_thesis_gan_overlay():
     assert all(m.num_groups == 1 for m in critic.modules() if isinstance(m, torch.nn.GroupNorm))
 
 
-def test_default_is_the_compact_unconditioned_generator_without_a_global_residual():
+def test_default_is_the_compact_unconditioned_generator_with_a_global_residual():
     parser, network, critic = _network(["train.yaml"])
     assert _count(network) == 680_565 and network.context_dim is None and critic is None
     assert parser.get_parsed_content("divisible_by") == 16
-    assert network.residual_start == -1 and parser["randomize_degradation"]  # as the shipped weights
-    _, with_residual, _ = _network(["train.yaml"], global_residual=True)
-    assert with_residual.residual_start == 1  # the middle of 3 slices
+    assert network.residual_start == 1 and parser["randomize_degradation"]  # the middle of 3 slices, as shipped
+    assert (parser["fixed_pair_prob"], parser["ema_momentum"]) == (0.75, 0.02)
+    _, without_residual, _ = _network(["train.yaml"], global_residual=False)
+    assert without_residual.residual_start == -1
+    inference = ConfigParser()
+    inference.read_config(str(CONFIGS / "inference.yaml"))
+    assert inference.get_parsed_content("network_def").residual_start == 1  # the network the shipped weights are
 
 
 def test_evaluation_writes_per_subject_metrics_with_identity_and_gaussian_baselines(
