@@ -167,7 +167,7 @@ def _check_item(
         raise InputError(f"{where}: missing {', '.join(repr(k) for k in missing)} (needs {', '.join(needs)}).")
     item = dict(item)
     images: dict[str, tuple[Path, nib.spatialimages.SpatialImage]] = {}
-    for key in [*keys, *(key for key in optional_keys if item.get(key))]:
+    for key in [*keys, *(key for key in optional_keys if item.get(key) and key not in keys)]:
         if not isinstance(item[key], str):
             raise InputError(f"{where}: '{key}' must be a file path, got {item[key]!r}.")
         item[key] = str(dataset_dir / item[key])

@@ -126,6 +126,21 @@ def test_mask_optional(tmp_path):
     assert set(out) == {"image", "label"}
 
 
+def test_a_required_key_also_listed_as_optional_is_read_once(tmp_path, monkeypatch):
+    import synth7t.data
+
+    read = []
+    load_image = synth7t.data._load_image
+
+    def counting(path, *args, **kwargs):
+        read.append(path)
+        return load_image(path, *args, **kwargs)
+
+    monkeypatch.setattr(synth7t.data, "_load_image", counting)
+    (out,) = _load(tmp_path, [_pair(tmp_path)], optional_keys=["mask", "image"])
+    assert sorted(read) == sorted({Path(out[key]) for key in ("image", "label", "mask")})
+
+
 def test_mask_checked_when_present(tmp_path):
     item = _pair(tmp_path)
     item["mask"] = "nomask.nii.gz"
