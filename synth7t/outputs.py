@@ -6,11 +6,13 @@
 - :func:`check_absent` does the same for the fixed files of evaluation (metrics) and training (checkpoints).
 - :class:`AtomicNibabelWriter` is MONAI's ``NibabelWriter`` writing a temporary file beside the target and renaming
   it into place, so a killed run leaves the previous file or none under the final name, and a symlink at that name
-  is replaced, not followed. MONAI's writers save in place, hence this class.
+  is replaced, not followed. MONAI's writers save in place, hence this class. The hidden temporary file a killed
+  run leaves behind is removed by the next run that writes the same output (:func:`remove_stale_temporaries`).
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import uuid
 from collections.abc import Iterable, Sequence
@@ -28,6 +30,7 @@ __all__ = [
     "check_output_dir",
     "check_training_outputs",
     "prediction_paths",
+    "remove_stale_temporaries",
     "temporary_path",
 ]
 
@@ -38,6 +41,29 @@ def temporary_path(path: Path) -> Path:
     """A unique hidden name beside ``path`` that keeps its extension (writers choose the format by it)."""
     suffix = next((s for s in NIFTI_SUFFIXES if path.name.endswith(s)), path.suffix)
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporary files of ``path`` (:func:`temporary_path`) whose writing process no longer runs (it was
+    killed while writing); those of running processes are left alone. Returns the removed files."""
+    prefix = f".{path.name}."
+    removed = []
+    for temporary in path.parent.glob(f"{glob.escape(prefix)}*.tmp*") if path.parent.is_dir() else []:
+        pid = temporary.name[len(prefix) :].split(".", 1)[0]
+        if pid.isdigit() and not _is_running(int(pid)):
+            temporary.unlink(missing_ok=True)
+            removed.append(temporary)
+    return removed
 
 
 class AtomicNibabelWriter(NibabelWriter):
@@ -92,7 +118,8 @@ def prediction_paths(
 ) -> list[Path]:
     """The file each item's prediction goes to, ``<output_dir>/<input name>_<postfix><extension>`` as MONAI's
     ``SaveImaged(separate_folder=False)`` names it, checked before any compute: the output folder is not a file, no
-    two inputs (``item[key]``) give one output name, and no output exists unless ``overwrite``."""
+    two inputs (``item[key]``) give one output name, and no output exists unless ``overwrite``. Temporary files
+    that killed runs left for these outputs are removed once the checks pass."""
     folder = check_output_dir(output_dir)
     paths: dict[Path, str] = {}
     for item in items:
@@ -103,7 +130,10 @@ def prediction_paths(
                 "them into different output folders."
             )
         paths[path] = str(item[key])
-    return check_absent(paths, overwrite)
+    outputs = check_absent(paths, overwrite)
+    for path in outputs:
+        remove_stale_temporaries(path)
+    return outputs
 
 
 TRAINING_FILES = ("model.pt", "checkpoint_*.pt")

@@ -314,6 +314,12 @@ def test_non_finite_voxel(tmp_path, value, key):
     _raises(tmp_path, [item], str(path), "NaN or infinite")
 
 
+def test_complex_voxels(tmp_path):
+    item = _pair(tmp_path)
+    path = _nifti(tmp_path / "s1_3T.nii.gz", _volume(1).astype(np.complex64))
+    _raises(tmp_path, [item], str(path), "RGB or complex")
+
+
 def test_blank_volume(tmp_path):
     item = _pair(tmp_path)
     path = _nifti(tmp_path / "s1_7T.nii.gz", np.zeros(SHAPE, np.float32))
@@ -371,6 +377,13 @@ def test_adc_map_accepted(tmp_path):
     item = {"t1w": "t1w.nii.gz", "adc": "adc3t.nii.gz", "label": "adc7t.nii.gz"}
     (out,) = _load(tmp_path, [item], **VCT)
     assert out["adc"] == str(tmp_path / "adc3t.nii.gz")
+
+
+def test_adc_map_and_diffusion_series_together_are_refused(tmp_path):
+    item = _dwi_item(tmp_path)
+    _nifti(tmp_path / "adc3t.nii.gz", _volume(9))
+    item["adc"] = "adc3t.nii.gz"
+    _raises(tmp_path, [item], "'adc'", "'dwi'", "not both", **VCT)
 
 
 def test_diffusion_incomplete_alternative_asks_for_adc(tmp_path):

@@ -4,8 +4,13 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
+import signal
+import subprocess
+import sys
+import time
 
 import nibabel as nib
 import numpy as np
@@ -15,10 +20,13 @@ from ignite.engine import Engine, Events
 from monai.transforms import Compose, RandGaussianNoise
 
 from synth7t.errors import InputError
+from synth7t.networks import AttentionResUNet
 from synth7t.handlers import StopOnNonFiniteLoss
 from synth7t.outputs import AtomicNibabelWriter, check_absent, prediction_paths, temporary_path
 from synth7t.resume import RandomStates, ValidationState
 from synth7t.transforms import RandSimulate3Td
+
+from conftest import TINY_NETWORKS, bundle_command, checked
 
 
 def test_prediction_paths_name_outputs_as_save_imaged_does(tmp_path):
@@ -129,3 +137,73 @@ def test_non_finite_loss_stops_with_status_1_before_the_epoch_ends():
     with pytest.raises(SystemExit) as stop:
         engine.run(range(4), max_epochs=1)
     assert "loss is nan at epoch 1, iteration 2" in str(stop.value.code) and completed == []
+
+
+def test_stale_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    target = tmp_path / "sub_7t.nii.gz"
+    stale = tmp_path / f".sub_7t.nii.gz.{dead.stdout.strip()}.0a1b2c3d.tmp.nii.gz"
+    live = temporary_path(target)  # this process's own name: a writer that still runs
+    other = tmp_path / f".other_7t.nii.gz.{dead.stdout.strip()}.0a1b2c3d.tmp.nii.gz"
+    for path in (stale, live, other):
+        path.write_bytes(b"partial")
+    assert prediction_paths([{"image": "/data/sub.nii.gz"}], "image", tmp_path) == [target]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
+
+
+def test_a_refused_run_leaves_stale_temporaries_alone(tmp_path):
+    (tmp_path / "sub_7t.nii.gz").write_bytes(b"earlier result")
+    stale = tmp_path / ".sub_7t.nii.gz.999999999.0a1b2c3d.tmp.nii.gz"
+    stale.write_bytes(b"partial")
+    with pytest.raises(InputError, match="already exists"):
+        prediction_paths([{"image": "sub.nii.gz"}], "image", tmp_path)
+    assert stale.exists()
+
+
+def _noisy_volume(shape: tuple[int, int, int], seed: int) -> np.ndarray:
+    """A brain-like volume with noise, so its compressed NIfTI takes a while to write."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    brain = (grid**2).sum(0) < 0.8
+    return np.where(brain, 0.5 + 0.1 * rng.standard_normal(shape), 0).clip(0, 1).astype(np.float32)
+
+
+def test_a_kill_while_inference_writes_leaves_the_previous_result(tmp_path):
+    """SIGKILL a real `python -m monai.bundle run inferring` the moment its temporary output appears, retrying until
+    a kill lands inside the write: the final name then still holds the earlier result, whole; the next run clears
+    the killed run's temporary file."""
+    data, output_dir = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    output_dir.mkdir()
+    nib.save(nib.Nifti1Image(_noisy_volume((160, 160, 32), 0), np.eye(4)), data / "sub_3T.nii.gz")
+    (data / "datalist.json").write_text(json.dumps({"test": [{"image": "sub_3T.nii.gz"}]}))
+    network = AttentionResUNet(**TINY_NETWORKS["gan_unet_t1w7t"], global_residual=True)
+    torch.save(network.state_dict(), tmp_path / "model.pt")
+    final = output_dir / "sub_3T_7t.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((160, 160, 32), 0.25, np.float32), np.eye(4)), final)
+    earlier = final.read_bytes()
+    command = bundle_command(
+        "gan_unet_t1w7t", "inferring", ["inference.yaml"], dataset_dir=str(data), output_dir=str(output_dir),
+        ckpt_path=str(tmp_path / "model.pt"), num_workers=0, overwrite=True, **TINY_NETWORKS["gan_unet_t1w7t"],
+    )  # fmt: skip
+    hits = 0
+    for attempt in range(6):
+        process = subprocess.Popen(command, cwd="/", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while process.poll() is None and not list(output_dir.glob(".sub_3T_7t.nii.gz.*")):
+            time.sleep(0.002)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        left = list(output_dir.glob(".sub_3T_7t.nii.gz.*.tmp.nii.gz"))
+        if final.read_bytes() == earlier:
+            hits += bool(left)
+            if hits:
+                break
+        else:  # killed after the rename: a whole new result, which the next attempt replaces
+            assert nib.load(final).get_fdata().shape == (160, 160, 32)
+            final.write_bytes(earlier)
+    assert hits, "no kill landed while the output was being written"
+    print(f"kill landed inside the write after {attempt + 1} attempts")
+    assert nib.load(final).get_fdata().mean() == pytest.approx(0.25)
+    checked(subprocess.run(command, cwd="/", capture_output=True, text=True, timeout=900))
+    assert [p.name for p in output_dir.iterdir()] == [final.name]  # the killed run's temporary file is gone
+    assert nib.load(final).get_fdata().shape == (160, 160, 32)
