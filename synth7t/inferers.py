@@ -21,7 +21,8 @@ __all__ = ["SlabInferer"]
 
 
 class SlabInferer(Inferer):
-    """Run a 2-D network over every axial slab of ``slab_size`` slices of a volume, stride 1, in batches.
+    """Run a 2-D network over the axial slabs of ``slab_size`` slices of a volume, in batches: every slab (stride 1,
+    the faithful scheme of the papers' test scripts) or every ``stride``-th one.
 
     The input ``(B, C, X, Y, Z)`` is padded by ``slab_size // 2`` slices at both ends of the slice axis
     (``padding_mode``, default replicating the edge slice), so that every slice is the centre of one slab. Each
@@ -34,6 +35,11 @@ class SlabInferer(Inferer):
             ``(N, C_out * slab_size, X, Y)``); each slice then receives ``slab_size`` predictions, from the slabs
             that contain it, and gets their mean (predictions of padded slices are dropped). ``"center"`` when it
             predicts the middle slice only (output ``(N, C_out, X, Y)``).
+        stride: slices between the centres of consecutive slabs. 1 (default): every slice is the centre of a slab.
+            ``s > 1`` (``output="slab"`` only, ``s <= slab_size``): the centres are slices ``slab_size // 2``,
+            ``slab_size // 2 + s``, ... and the last slice when those slabs miss it, so every slice is predicted at
+            least once and the network runs about ``s`` times less often; ``s = slab_size`` predicts each slice once
+            (slabs side by side).
         batch_size: slabs per forward pass.
         padding_mode: ``torch.nn.functional.pad`` mode for the slice axis ("replicate", "reflect", "constant").
         append_slice_position: give the network a ``context`` keyword whose last entry is the position of the
@@ -54,6 +60,7 @@ class SlabInferer(Inferer):
         self,
         slab_size: int = 3,
         output: str = "slab",
+        stride: int = 1,
         batch_size: int = 16,
         padding_mode: str = "replicate",
         append_slice_position: bool = False,
@@ -66,8 +73,14 @@ class SlabInferer(Inferer):
             raise ValueError(f"slab_size must be a positive odd number, got {slab_size}.")
         if output not in ("slab", "center"):
             raise ValueError(f"output must be 'slab' or 'center', got {output!r}.")
+        if not 1 <= stride <= (slab_size if output == "slab" else 1):
+            raise ValueError(
+                f"stride must be between 1 and slab_size ({slab_size}) with output 'slab', and 1 with output "
+                f"'center', so that every slice is predicted; got {stride} with output {output!r}."
+            )
         self.slab_size = slab_size
         self.output = output
+        self.stride = stride
         self.batch_size = batch_size
         self.padding_mode = padding_mode
 
@@ -90,13 +103,24 @@ class SlabInferer(Inferer):
         )
         return convert_to_dst_type(outputs, dst=inputs)[0]
 
-    def _slab_context(self, context: torch.Tensor | None, start: int, stop: int, depth: int, device: torch.device):
-        """The ``context`` of slabs ``start..stop-1``: the volume's vector, then the slice position if asked for."""
+    def _centres(self, depth: int, device: torch.device) -> torch.Tensor:
+        """The slices the network's slabs are centred on (see ``stride``)."""
+        half = self.slab_size // 2
+        first = 0 if self.stride == 1 else min(half, depth - 1)
+        centres = list(range(first, depth, self.stride))
+        if centres[-1] + half < depth - 1:
+            centres.append(depth - 1)
+        return torch.tensor(centres, device=device)
+
+    def _slab_context(self, context: torch.Tensor | None, centres: torch.Tensor, depth: int):
+        """The ``context`` of the slabs centred on ``centres``: the volume's vector, then the slice position if asked
+        for."""
         parts = []
         if context is not None:
-            parts.append(torch.as_tensor(context, device=device).float().reshape(1, -1).expand(stop - start, -1))
+            vector = torch.as_tensor(context, device=centres.device).float().reshape(1, -1)
+            parts.append(vector.expand(len(centres), -1))
         if self.append_slice_position:
-            parts.append(torch.linspace(-0.5, 0.5, depth, device=device)[start:stop, None])
+            parts.append(torch.linspace(-0.5, 0.5, depth, device=centres.device)[centres, None])
         return torch.cat(parts, dim=1) if parts else None
 
     def _infer_volume(
@@ -109,11 +133,11 @@ class SlabInferer(Inferer):
     ) -> torch.Tensor:
         channels, height, width, depth, k = slabs.shape
         total: torch.Tensor | None = None
-        starts = range(0, depth, self.batch_size)
-        for start in tqdm(starts, desc="slabs", unit="batch", leave=False) if self.progress else starts:
-            stop = min(start + self.batch_size, depth)
-            batch = slabs[:, :, :, start:stop].permute(3, 0, 4, 1, 2).reshape(stop - start, channels * k, height, width)
-            slab_context = self._slab_context(context, start, stop, depth, batch.device)
+        coverage = slabs.new_zeros(depth, dtype=torch.float32)
+        batches = self._centres(depth, slabs.device).split(self.batch_size)
+        for centres in tqdm(batches, desc="slabs", unit="batch", leave=False) if self.progress else batches:
+            batch = slabs[:, :, :, centres].permute(3, 0, 4, 1, 2).reshape(len(centres), channels * k, height, width)
+            slab_context = self._slab_context(context, centres, depth)
             if slab_context is not None:
                 kwargs["context"] = slab_context
             prediction = network(batch, *args, **kwargs).float()
@@ -121,27 +145,21 @@ class SlabInferer(Inferer):
                 out_channels = prediction.shape[1] // (k if self.output == "slab" else 1)
                 total = prediction.new_zeros(out_channels, height, width, depth)
             if self.output == "center":
-                total[..., start:stop] = prediction.permute(1, 2, 3, 0)
+                total[..., centres] = prediction.permute(1, 2, 3, 0)
             else:
-                total = self._accumulate_slab(total, prediction, start, stop)
+                self._accumulate_slab(total, coverage, prediction, centres)
         assert total is not None
-        if self.output == "slab":
-            total = total / self._coverage(depth, total.device)
-        return total
+        return total / coverage.to(total.device) if self.output == "slab" else total
 
-    def _accumulate_slab(self, total: torch.Tensor, prediction: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Add slice ``j`` of the slab centred on ``z`` to output slice ``z - half + j`` when that slice exists."""
+    def _accumulate_slab(
+        self, total: torch.Tensor, coverage: torch.Tensor, prediction: torch.Tensor, centres: torch.Tensor
+    ) -> None:
+        """Add slice ``j`` of the slab centred on ``z`` to output slice ``z - half + j`` when that slice exists, and
+        count it in ``coverage``."""
         k, half, depth = self.slab_size, self.slab_size // 2, total.shape[-1]
-        prediction = prediction.reshape(stop - start, total.shape[0], k, *prediction.shape[-2:])
-        centres = torch.arange(start, stop, device=total.device)
+        prediction = prediction.reshape(len(centres), total.shape[0], k, *prediction.shape[-2:])
         for j in range(k):
             target = centres - half + j
             valid = (target >= 0) & (target < depth)
             total.index_add_(-1, target[valid], prediction[valid, :, j].permute(1, 2, 3, 0))
-        return total
-
-    def _coverage(self, depth: int, device: torch.device) -> torch.Tensor:
-        """How many slabs predict each slice: ``slab_size`` inside, fewer within ``slab_size // 2`` of an edge."""
-        half = self.slab_size // 2
-        z = torch.arange(depth, device=device)
-        return (torch.clamp(z + half, max=depth - 1) - torch.clamp(z - half, min=0) + 1).float()
+            coverage[target[valid]] += 1  # one slab per centre: no slice twice in one index

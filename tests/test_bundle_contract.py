@@ -67,7 +67,10 @@ def _tiny_dataset(bundle: str, request: pytest.FixtureRequest) -> Path:
 # Knobs that train.yaml (which evaluate.yaml extends) and inference.yaml must both state, with the same value: the
 # network's input, its normalisation, its padding and its size.
 SHARED_KNOBS = {
-    "watnet": ("scale_intensities", "lower_percentile", "upper_percentile", "slab_size", "divisible_by", "variant"),
+    "watnet": (
+        "scale_intensities", "lower_percentile", "upper_percentile", "slab_size", "slab_stride", "divisible_by",
+        "variant",
+    ),
     "gan_unet_t1w7t": (
         "lower_percentile", "upper_percentile", "slab_size", "slice_axis", "divisible_by", "context_fields",
         "condition_on_slice_position", "context_dim", "channels", "channel_mult", "num_res_blocks", "norm_num_groups",

@@ -1,5 +1,5 @@
 """Tests of synth7t.inferers.SlabInferer: whole-volume 2.5-D inference with stride 1 along the slices and averaging
-of the overlapping predictions (spec watnet.md §5, §11.1 "Test"; spec ganunet.md §1.8 for the "center" mode).
+of the overlapping predictions, or strided slabs (spec watnet.md §5, §11.1 "Test"; spec ganunet.md §1.8 for the "center" mode).
 """
 
 from __future__ import annotations
@@ -146,6 +146,48 @@ def test_network_output_is_cast_to_float32():
     out = SlabInferer(slab_size=3, batch_size=8)(x, lambda s: s.to(torch.bfloat16))
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, x.to(torch.bfloat16).float(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "slab_size, stride, depth, centres",
+    [
+        (3, 3, 9, [1, 4, 7]),  # side by side: each slice predicted once
+        (3, 3, 10, [1, 4, 7, 9]),  # slice 9 is missed by the slab on 7: one more slab on the last slice
+        (3, 2, 7, [1, 3, 5]),
+        (5, 5, 12, [2, 7, 11]),
+        (3, 3, 1, [0]),
+        (5, 3, 2, [1]),
+    ],
+)
+@pytest.mark.parametrize("batch_size", [1, 2, 16])
+def test_strided_slabs_cover_every_slice_with_fewer_network_calls(slab_size, stride, depth, centres, batch_size):
+    """The network predicts, for every slice of its slab, the index of the slab's centre slice: each output slice is
+    the mean of the centres of the slabs that hold it, and the slabs are those of ``centres``."""
+    half = slab_size // 2
+    index = torch.arange(depth, dtype=torch.float32).expand(1, 1, 3, 2, depth).clone()
+    seen = []
+
+    def centre_index(x: torch.Tensor) -> torch.Tensor:
+        seen.extend(x[:, half, 0, 0].tolist())
+        return x[:, half : half + 1].expand(-1, slab_size, -1, -1).clone()
+
+    out = SlabInferer(slab_size=slab_size, stride=stride, batch_size=batch_size)(index, centre_index)
+    assert seen == centres
+    expected = [np.mean([c for c in centres if abs(c - z) <= half]) for z in range(depth)]
+    torch.testing.assert_close(out, torch.tensor(expected).float().expand(1, 1, 3, 2, depth), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_strided_identity_network_returns_input(stride):
+    x = _volumes(2, 2, depth=11, seed=stride)
+    out = SlabInferer(slab_size=3, stride=stride, batch_size=4)(x, _identity)
+    torch.testing.assert_close(out, x, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("slab_size, stride, output", [(3, 0, "slab"), (3, 4, "slab"), (3, 2, "center")])
+def test_a_stride_that_would_skip_slices_raises(slab_size, stride, output):
+    with pytest.raises(ValueError, match="stride"):
+        SlabInferer(slab_size=slab_size, stride=stride, output=output)
 
 
 @pytest.mark.parametrize("slab_size", [0, 2, 4, -1])
