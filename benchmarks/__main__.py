@@ -66,19 +66,37 @@ def report(result: dict[str, Any]) -> str:
     if result.get("kept"):
         lines += [f"Kept from earlier runs (part: date of its run): {result['kept']}."]
     lines += [""]
-    if "inference" in result:
-        lines += ["## Whole-volume inference", "", inference.markdown(result["inference"]), ""]
-    if "training" in result:
-        lines += ["## Training throughput", "", training.markdown(result["training"]), ""]
-    if "adc" in result:
-        lines += ["## ADC fit: synth7t ComputeADC against DIPY TensorModel", "", adc.markdown(result["adc"]), ""]
-    if "quality" in result:
-        reused = " (reused: weights and data unchanged since it was measured)" if result["quality"]["reused"] else ""
-        lines += [f"## Quality on held-out subjects{reused}", "", quality.markdown(result["quality"]), ""]
-        lines += [*_images(result["quality"]["figures"]), ""]
-    if "curves" in result:
-        lines += ["## Training curves of the shipped weights", "", *_images(result["curves"]), ""]
+    for part in PARTS:
+        if part in result:
+            lines += _section(part, result[part])
     return "\n".join(lines)
+
+
+def _section(part: str, value: Any) -> list[str]:
+    """The report's lines for one part's result."""
+    if part == "inference":
+        return ["## Whole-volume inference", "", inference.markdown(value), ""]
+    if part == "training":
+        return ["## Training throughput", "", training.markdown(value), ""]
+    if part == "adc":
+        return ["## ADC fit: synth7t ComputeADC against DIPY TensorModel", "", adc.markdown(value), ""]
+    if part == "quality":
+        reused = " (reused: weights and data unchanged since it was measured)" if value["reused"] else ""
+        return [f"## Quality on held-out subjects{reused}", "", quality.markdown(value), "", *_images(value["figures"]), ""]
+    return ["## Training curves of the shipped weights", "", *_images(value), ""]
+
+
+def _check_kept_parts_render(kept: dict[str, Any]) -> None:
+    """Refuse, before any part runs, to keep a part whose stored result an earlier benchmark wrote in a format this
+    report no longer reads (it would fail only after the new parts had been computed)."""
+    for part, value in kept.items():
+        try:
+            _section(part, value)
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            raise ValueError(
+                f"the stored '{part}' result is in an older format ({type(error).__name__}: {error}); rerun it too: "
+                f"--parts \"{[part]}\" plus the parts you asked for."
+            ) from error
 
 
 def main(output_dir: str = "benchmarks/results", name: str = "bench", parts: tuple[str, ...] = PARTS) -> Path:
@@ -106,13 +124,14 @@ def main(output_dir: str = "benchmarks/results", name: str = "bench", parts: tup
         "quality": lambda: _quality(figure_dir, previous.get("quality")),
         "curves": lambda: _curves(figure_dir),
     }
-    for part in parts:
-        result[part] = _timed(part, runners[part], seconds)
     kept = {
         part: previous.get("kept", {}).get(part, previous["date"])
         for part in PARTS
         if part not in parts and part in previous
     }
+    _check_kept_parts_render({part: previous[part] for part in kept})
+    for part in parts:
+        result[part] = _timed(part, runners[part], seconds)
     result.update({part: previous[part] for part in kept}, kept=kept)
     output.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=1) + "\n")

@@ -86,6 +86,21 @@ def test_a_run_of_some_parts_keeps_the_others_with_their_date(tmp_path, monkeypa
     assert "ADC table first" in report and f"'adc': '{first['date']}'" in report
 
 
+def test_a_kept_part_in_an_older_format_is_refused_before_any_part_runs(tmp_path, monkeypatch) -> None:
+    from benchmarks import __main__ as bench
+
+    monkeypatch.setattr(bench.adc, "run", lambda: {"cases": "first"})
+    monkeypatch.setattr(bench.adc, "markdown", lambda result: f"ADC table {result['cases']}")
+    bench.main(output_dir=str(tmp_path), parts=("adc",))
+    stored = (tmp_path / "bench.json").read_text()
+    monkeypatch.setattr(bench.adc, "markdown", lambda result: f"ADC table {result['rows']}")  # a newer format
+    ran = []
+    monkeypatch.setattr(bench, "_curves", lambda figure_dir: ran.append("curves") or {})
+    with pytest.raises(ValueError, match="stored 'adc' result is in an older format"):
+        bench.main(output_dir=str(tmp_path), parts=("curves",))
+    assert ran == [] and (tmp_path / "bench.json").read_text() == stored
+
+
 def test_quality_report_sets_the_model_beside_both_baselines(tmp_path) -> None:
     def summary(model: float, identity: float, gaussian: float) -> dict:
         columns = {}
