@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from monai.data import MetaTensor
 from monai.transforms import GaussianSmooth, Orientation
 
 from synth7t.metrics import summarize, volume_metrics
+from synth7t.outputs import temporary_path
 
 __all__ = [
     "GAUSSIAN_SIGMAS",
@@ -103,10 +103,12 @@ class StopOnNonFiniteLoss:
 def write_atomically(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path`` and rename it, so ``path`` is never half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        handle.write(text)
-        temporary = Path(handle.name)
-    os.replace(temporary, path)
+    temporary = temporary_path(path)  # the name check_absent knows, so a killed run's file is cleared by the next
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _subject_name(image: torch.Tensor) -> str:

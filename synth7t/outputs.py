@@ -7,7 +7,7 @@
 - :class:`AtomicNibabelWriter` is MONAI's ``NibabelWriter`` writing a temporary file beside the target and renaming
   it into place, so a killed run leaves the previous file or none under the final name, and a symlink at that name
   is replaced, not followed. MONAI's writers save in place, hence this class. The hidden temporary file a killed
-  run leaves behind is removed by the next run that writes the same output (:func:`remove_stale_temporaries`).
+  run leaves behind is removed by the next run that may write the same output (:func:`check_absent`).
 """
 
 from __future__ import annotations
@@ -37,10 +37,16 @@ __all__ = [
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
+def _temporary_prefix(path: Path) -> str:
+    """What every temporary file of ``path`` is named with first, before the writer's pid."""
+    return f".{path.name}."
+
+
 def temporary_path(path: Path) -> Path:
-    """A unique hidden name beside ``path`` that keeps its extension (writers choose the format by it)."""
+    """A unique hidden name beside ``path`` that keeps its extension (writers choose the format by it):
+    ``.<name>.<pid>.<random>.tmp<extension>``."""
     suffix = next((s for s in NIFTI_SUFFIXES if path.name.endswith(s)), path.suffix)
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+    return path.with_name(f"{_temporary_prefix(path)}{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
 
 
 def _is_running(pid: int) -> bool:
@@ -56,7 +62,7 @@ def _is_running(pid: int) -> bool:
 def remove_stale_temporaries(path: Path) -> list[Path]:
     """Remove the temporary files of ``path`` (:func:`temporary_path`) whose writing process no longer runs (it was
     killed while writing); those of running processes are left alone. Returns the removed files."""
-    prefix = f".{path.name}."
+    prefix = _temporary_prefix(path)
     removed = []
     for temporary in path.parent.glob(f"{glob.escape(prefix)}*.tmp*") if path.parent.is_dir() else []:
         pid = temporary.name[len(prefix) :].split(".", 1)[0]
@@ -90,7 +96,8 @@ def check_output_dir(output_dir: PathLike) -> Path:
 
 
 def check_absent(paths: Iterable[PathLike], overwrite: bool = False) -> list[Path]:
-    """``paths``, refused when any of them exists (a symlink counts, even broken) unless ``overwrite``."""
+    """``paths``, refused when any of them exists (a symlink counts, even broken) unless ``overwrite``; once they pass,
+    the temporary files that killed runs left for them are removed (:func:`remove_stale_temporaries`)."""
     paths = [Path(p) for p in paths]
     for path in paths:
         check_output_dir(path.parent)
@@ -100,6 +107,8 @@ def check_absent(paths: Iterable[PathLike], overwrite: bool = False) -> list[Pat
             f"{', '.join(existing)}: already exist{'s' if len(existing) == 1 else ''}; nothing was written. Pass "
             "--overwrite True to replace earlier results, or choose another --output_dir."
         )
+    for path in paths:
+        remove_stale_temporaries(path)
     return paths
 
 
@@ -118,8 +127,8 @@ def prediction_paths(
 ) -> list[Path]:
     """The file each item's prediction goes to, ``<output_dir>/<input name>_<postfix><extension>`` as MONAI's
     ``SaveImaged(separate_folder=False)`` names it, checked before any compute: the output folder is not a file, no
-    two inputs (``item[key]``) give one output name, and no output exists unless ``overwrite``. Temporary files
-    that killed runs left for these outputs are removed once the checks pass."""
+    two inputs (``item[key]``) give one output name, and no output exists unless ``overwrite`` (:func:`check_absent`,
+    which also removes the temporary files that killed runs left for them)."""
     folder = check_output_dir(output_dir)
     paths: dict[Path, str] = {}
     for item in items:
@@ -130,10 +139,7 @@ def prediction_paths(
                 "them into different output folders."
             )
         paths[path] = str(item[key])
-    outputs = check_absent(paths, overwrite)
-    for path in outputs:
-        remove_stale_temporaries(path)
-    return outputs
+    return check_absent(paths, overwrite)
 
 
 TRAINING_FILES = ("model.pt", "checkpoint_*.pt")

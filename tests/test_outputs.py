@@ -207,3 +207,14 @@ def test_a_kill_while_inference_writes_leaves_the_previous_result(tmp_path):
     checked(subprocess.run(command, cwd="/", capture_output=True, text=True, timeout=900))
     assert [p.name for p in output_dir.iterdir()] == [final.name]  # the killed run's temporary file is gone
     assert nib.load(final).get_fdata().shape == (160, 160, 32)
+
+
+def test_metrics_temporaries_of_dead_writers_are_removed_by_check_absent(tmp_path):
+    from synth7t.handlers import write_atomically
+
+    write_atomically(tmp_path / "metrics.csv", "psnr\n30\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]  # no temporary left by a finished write
+    stale = tmp_path / ".metrics_summary.json.999999999.0a1b2c3d.tmp.json"
+    stale.write_text("{")
+    assert check_absent([tmp_path / "metrics_summary.json"]) == [tmp_path / "metrics_summary.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
