@@ -2,10 +2,11 @@
 
     python -m benchmarks --output_dir benchmarks/results --name bench
 
-Parts, in order: whole-volume inference (``benchmarks.inference``), training throughput (``benchmarks.training``),
-the ADC fit against DIPY (``benchmarks.adc``), quality on held-out subjects with the sample figures
-(``benchmarks.quality``, reused from the previous ``<name>.json`` while weights and data are unchanged) and the
-training curves (``benchmarks.curves``). CUDA cases are added when a GPU is present. Nothing here asserts a figure.
+Parts, in order: whole-volume inference with the CPU levers (``benchmarks.inference``), one volume through each
+bundle's default ``inferring`` and ``evaluating`` commands (``benchmarks.workflows``), training throughput
+(``benchmarks.training``), the ADC fit against DIPY (``benchmarks.adc``), quality on held-out subjects with the
+sample figures (``benchmarks.quality``, reused from the previous ``<name>.json`` while weights and data are unchanged)
+and the training curves (``benchmarks.curves``). CUDA cases are added when a GPU is present. Nothing here asserts a figure.
 ``--parts`` reruns some parts; the others are kept from the previous ``<name>.json``, the report giving their date.
 """
 
@@ -22,10 +23,10 @@ from typing import Any
 import fire
 import torch
 
-from benchmarks import adc, curves, inference, quality, training
+from benchmarks import adc, curves, inference, quality, training, workflows
 from benchmarks.measure import REPOSITORY, machine
 
-PARTS = ("inference", "training", "adc", "quality", "curves")
+PARTS = ("inference", "workflows", "training", "adc", "quality", "curves")
 
 
 def _timed(name: str, fn: Callable[[], Any], seconds: dict[str, float]) -> Any:
@@ -45,6 +46,11 @@ def _curves(figure_dir: Path) -> dict[str, str]:
 def _quality(figure_dir: Path, previous: dict[str, Any] | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as work:
         return quality.run(Path(work), figure_dir, previous)
+
+
+def _workflows() -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory() as work:
+        return workflows.run(Path(work))
 
 
 def _images(figures: dict[str, str]) -> list[str]:
@@ -76,6 +82,8 @@ def _section(part: str, value: Any) -> list[str]:
     """The report's lines for one part's result."""
     if part == "inference":
         return ["## Whole-volume inference", "", inference.markdown(value), ""]
+    if part == "workflows":
+        return ["## One volume through the default workflows", "", workflows.markdown(value), ""]
     if part == "training":
         return ["## Training throughput", "", training.markdown(value), ""]
     if part == "adc":
@@ -119,6 +127,7 @@ def main(output_dir: str = "benchmarks/results", name: str = "bench", parts: tup
     }
     runners: dict[str, Callable[[], Any]] = {
         "inference": lambda: inference.run(devices),
+        "workflows": _workflows,
         "training": lambda: training.run(devices),
         "adc": adc.run,
         "quality": lambda: _quality(figure_dir, previous.get("quality")),

@@ -18,6 +18,11 @@ networks): the inferers run independent, fixed-size batches of slabs or slices, 
 block time times the number of slices over the block size, reported as an estimate (``whole_volume_estimated``).
 ``slices=None`` times the whole volume (the default on CUDA).
 
+Levers (``lever_cases``): ``watnet``'s default, the one bundle over a minute per volume in eager PyTorch, is also
+timed with one setting changed per case: contiguous instead of channels-last memory, one torch thread instead of
+torch's default, bfloat16 autocast, 4 or 32 slabs per forward pass instead of 16, ``torch.compile``, slab stride 2 or
+3 instead of 1 (each slice predicted from fewer slabs; quality in the model card), ONNX Runtime with stride 2.
+
 Each case runs in its own process (``python -m benchmarks.inference '<case>'``), so its peak resident set size is
 its own: ``peak_rss_mib`` is the process peak, ``rss_rise_mib`` its rise during the warm-up and timed runs.
 """
@@ -32,6 +37,8 @@ import torch
 from monai.bundle import ConfigParser
 from monai.transforms import DivisiblePad
 
+from synth7t.engines import AutocastNetwork
+
 from benchmarks.measure import (
     REPOSITORY,
     cuda_peak_mib,
@@ -45,6 +52,22 @@ from benchmarks.measure import (
 VOLUME_SHAPES = {"watnet": (182, 218, 182), "gan_unet_t1w7t": (182, 218, 182), "vct_adc7t": (173, 204, 173)}
 PAPER_OVERLAYS = {"gan_unet_t1w7t": "bf_unet.yaml", "vct_adc7t": "paper.yaml"}
 BACKENDS = ("eager", "torchscript", "onnxruntime")
+CHANNELS_LAST = {"watnet"}  # the bundles whose inference.yaml runs the network channels-last
+# What each case may change from its bundle's inference.yaml (the levers): torch threads (None: torch's default),
+# channels-last memory format, bfloat16 autocast, slabs per forward pass and slab stride (None: the config's).
+LEVER_DEFAULTS = {"threads": None, "channels_last": None, "bf16": False, "batch_size": None, "stride": None}
+# watnet's levers, the one default over a minute per volume in eager PyTorch: one change each from its inference.yaml
+WATNET_LEVERS = (
+    {"channels_last": False},
+    {"threads": 1},
+    {"bf16": True},
+    {"batch_size": 4},
+    {"batch_size": 32},
+    {"compile": True},
+    {"stride": 2},
+    {"stride": 3},
+    {"backend": "onnxruntime", "stride": 2},
+)
 # bf_unet.yaml conditions on age, sex and diagnosis (one value each, synth7t.bundle.encode_subject_context)
 PAPER_CONTEXT = {"gan_unet_t1w7t": 3}
 
@@ -62,7 +85,14 @@ def cases(device: str) -> list[dict[str, Any]]:
             listed += [{"bundle": bundle, "config": config, "backend": "eager", "amp": True} for config in configs]
             if bundle == "vct_adc7t":
                 listed += [{"bundle": bundle, "config": c, "backend": "eager", "compile": True} for c in configs]
-    return [{"device": device, "amp": False, "compile": False, **case} for case in listed]
+    return [{"device": device, "amp": False, "compile": False, **LEVER_DEFAULTS, **case} for case in listed]
+
+
+def lever_cases() -> list[dict[str, Any]]:
+    """``watnet``'s default on the CPU with one lever changed per case (``WATNET_LEVERS``); the default's own eager
+    and ONNX Runtime rows of :func:`cases` are the references."""
+    base = {"bundle": "watnet", "config": "default", "backend": "eager", "device": "cpu", "amp": False, "compile": False}
+    return [{**base, **LEVER_DEFAULTS, **lever} for lever in WATNET_LEVERS]
 
 
 def bundle_parser(bundle: str, config_file: str, config: str, device: str) -> ConfigParser:
@@ -92,6 +122,11 @@ def _network(parser: ConfigParser, case: dict[str, Any]) -> torch.nn.Module:
     network = parser.get_parsed_content("network_def").to(device).eval()
     if case["config"] == "default":
         network.load_state_dict(torch.load(models / "model.pt", map_location=device, weights_only=True))
+    channels_last = case.get("channels_last")
+    if channels_last if channels_last is not None else case["bundle"] in CHANNELS_LAST:
+        network = network.to(memory_format=torch.channels_last)
+    if case.get("bf16"):
+        network = AutocastNetwork(network, case["device"], torch.bfloat16)
     return torch.compile(network) if case["compile"] else network
 
 
@@ -110,7 +145,12 @@ def _volume(parser: ConfigParser, bundle: str, device: str, slices: int | None) 
 
 def measure(case: dict[str, Any], warmup: int = 1, runs: int = 3, slices: int | None = None) -> dict[str, Any]:
     """Times one case in this process over ``slices`` axial positions or the whole volume; see the module docstring."""
+    if case.get("threads"):
+        torch.set_num_threads(case["threads"])
     parser = bundle_parser(case["bundle"], "inference.yaml", case["config"], case["device"])
+    for key, lever in (("inference_batch_size", "batch_size"), ("slab_stride", "stride")):
+        if case.get(lever):
+            parser[key] = case[lever]
     network = _network(parser, case)
     inferer = parser.get_parsed_content("inferer")
     image = _volume(parser, case["bundle"], case["device"], slices)
@@ -143,11 +183,12 @@ def measure(case: dict[str, Any], warmup: int = 1, runs: int = 3, slices: int | 
 def run(
     devices: list[str], warmup: int = 1, runs: int = 3, cpu_slices: int = 16, cpu_paper_slices: int = 4
 ) -> list[dict[str, Any]]:
-    """Every case of every device, each in a fresh process; on the CPU over blocks of ``cpu_slices`` (the default
-    configurations) or ``cpu_paper_slices`` (the paper-scale ones, 5 to 50 times slower per slice)."""
+    """Every case of every device, then the CPU levers, each in a fresh process; on the CPU over blocks of
+    ``cpu_slices`` (the default configurations) or ``cpu_paper_slices`` (the paper-scale ones, 5 to 50 times slower
+    per slice)."""
     results = []
     for device in devices:
-        for case in cases(device):
+        for case in cases(device) + (lever_cases() if device == "cpu" else []):
             slices = (cpu_slices if case["config"] == "default" else cpu_paper_slices) if device == "cpu" else None
             settings = {"warmup": warmup, "runs": runs, "slices": slices}
             results.append(run_case_in_subprocess("benchmarks.inference", {**case, **settings}))
@@ -156,7 +197,11 @@ def run(
 
 
 def _label(result: dict[str, Any]) -> str:
-    extras = [name for name in ("amp", "compile") if result.get(name)]
+    """The backend and every lever that differs from the bundle's inference.yaml, e.g. ``eager+stride 2``."""
+    extras = [name for name in ("amp", "compile", "bf16") if result.get(name)]
+    if result.get("channels_last") is not None:
+        extras.append("channels-last" if result["channels_last"] else "contiguous")
+    extras += [f"{name.replace('_', ' ')} {result[name]}" for name in ("threads", "batch_size", "stride") if result.get(name)]
     return "+".join([result["backend"], *extras])
 
 

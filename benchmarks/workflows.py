@@ -1,0 +1,116 @@
+"""One volume through each bundle's default workflows, as a user runs them: wall-clock seconds per command.
+
+For every bundle, ``python -m monai.bundle run inferring`` with its ``inference.yaml`` and ``run evaluating`` with
+``train.yaml`` + ``evaluate.yaml``, each left at its defaults (backend, slab stride, batch size, workers), on one
+subject of the prepared TELL data: the validation subject sub-TELL0105, a 182 x 218 x 182 T1w volume
+(``data/tell7t_realistic``) or, for ``vct_adc7t``, its 3T T1w and raw diffusion series
+(``data/tell7t_diffusion``, the ADC fitted in the workflow). The time is the whole command: interpreter and library
+start-up, config parsing, the pre-compute checks, reading, inference, metrics and writing. Each command runs
+``runs`` times in a fresh process; median (min–max). The backend each run used is read from its log
+(``backend auto: ...``, where the bundle has that setting). Missing prepared data are prepared first.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from monai.bundle import ConfigParser
+
+from benchmarks.measure import REPOSITORY, markdown_table
+from benchmarks.quality import TELL7T, dataset
+
+SUBJECT = "sub-TELL0105"
+WORKFLOWS = {  # run id: the configs merged, in order
+    "inferring": ("inference.yaml",),
+    "evaluating": ("train.yaml", "evaluate.yaml"),
+}
+BUNDLES = ("watnet", "gan_unet_t1w7t", "vct_adc7t")
+TARGET_S = 60.0  # the issue's bound on one volume's inference or evaluation on the 2-core machine
+
+
+def diffusion_dataset() -> Path:
+    """``data/tell7t_diffusion``, prepared first if missing (README "Preparing training data")."""
+    directory = REPOSITORY / "data" / "tell7t_diffusion"
+    if not (directory / "datalist.json").is_file():
+        command = [sys.executable, "scripts/prepare_diffusion_data.py", "--input_dir", str(TELL7T)]
+        subprocess.run([*command, "--output_dir", str(directory)], cwd=REPOSITORY, check=True)
+    return directory
+
+
+def one_subject_datalist(bundle: str, work: Path) -> Path:
+    """A datalist whose ``test`` list is :data:`SUBJECT` of the bundle's prepared data, paths made absolute."""
+    directory = diffusion_dataset() if bundle == "vct_adc7t" else dataset("realistic")
+    items = [i for split in json.loads((directory / "datalist.json").read_text()).values() for i in split]
+    (item,) = [i for i in items if i.get("subject") == SUBJECT]
+    absolute = {key: value if key == "subject" else str(directory / value) for key, value in item.items()}
+    path = work / f"{bundle}_datalist.json"
+    path.write_text(json.dumps({"test": [absolute]}))
+    return path
+
+
+def time_workflow(bundle: str, run_id: str, datalist: Path, output_dir: Path) -> tuple[float, str]:
+    """Seconds of one ``python -m monai.bundle run <run_id>`` of ``bundle`` at its defaults, and its backend."""
+    configs = str([str(REPOSITORY / "bundles" / bundle / "configs" / name) for name in WORKFLOWS[run_id]])
+    command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", configs]
+    command += ["--datalist", str(datalist), "--output_dir", str(output_dir)]
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    chosen = re.search(r"backend auto: (\w+)", result.stdout + result.stderr)
+    return seconds, chosen.group(1) if chosen else "pytorch"
+
+
+def slab_stride(bundle: str) -> int | None:
+    """The ``slab_stride`` of the bundle's ``inference.yaml`` (``None`` where slabs are not strided)."""
+    config = ConfigParser.load_config_file(str(REPOSITORY / "bundles" / bundle / "configs" / "inference.yaml"))
+    return config.get("slab_stride")
+
+
+def run(work: Path, runs: int = 3) -> list[dict[str, Any]]:
+    """Every bundle's two default workflows on one subject, ``runs`` times each."""
+    results = []
+    for bundle in BUNDLES:
+        datalist = one_subject_datalist(bundle, work)
+        for run_id in WORKFLOWS:
+            timings, backends = [], set()
+            for index in range(runs):
+                seconds, backend = time_workflow(bundle, run_id, datalist, work / f"{bundle}_{run_id}_{index}")
+                timings.append(seconds)
+                backends.add(backend)
+            result = {
+                "bundle": bundle,
+                "workflow": run_id,
+                "configs": " + ".join(WORKFLOWS[run_id]),
+                "backend": " / ".join(sorted(backends)),
+                "slab_stride": slab_stride(bundle),
+                "median_s": round(statistics.median(timings), 1),
+                "min_s": round(min(timings), 1),
+                "max_s": round(max(timings), 1),
+                "runs": runs,
+            }
+            results.append(result)
+            print(f"{bundle} {run_id}: {result['median_s']} s ({result['backend']})", flush=True)
+    return results
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    """One row per bundle and workflow: configs, backend used, slab stride, median (min–max) seconds, within 60 s."""
+    header = ["bundle", "workflow", "configs", "backend", "slab stride", "median s (min–max)", f"≤ {TARGET_S:.0f} s"]
+    rows = [
+        [
+            r["bundle"], r["workflow"], r["configs"], r["backend"], r["slab_stride"] or "",
+            f"{r['median_s']:.1f} ({r['min_s']:.1f}–{r['max_s']:.1f}), n={r['runs']}",
+            "yes" if r["median_s"] <= TARGET_S else "**no**",
+        ]
+        for r in results
+    ]  # fmt: skip
+    return markdown_table(header, rows)
