@@ -24,15 +24,19 @@ LOGS = REPOSITORY / "benchmarks" / "training_logs"
 
 
 def export(bundle: str, run_dir: str) -> Path:
-    """Every scalar of the TensorBoard event files of ``run_dir`` as ``{tag: [[step, value], ...]}``."""
+    """Every scalar of the TensorBoard event files of ``run_dir`` as ``{tag: [[step, value], ...]}``, by step. A
+    resumed run writes new event files (named by their start time) that go on from its checkpoint: the files are
+    read in that order, and a step logged again after a resume keeps its latest value."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    scalars: dict[str, list[list[float]]] = {}
-    for events in sorted(Path(run_dir).glob("events.out.tfevents.*")):
+    by_step: dict[str, dict[int, float]] = {}
+    files = sorted(Path(run_dir).glob("events.out.tfevents.*"), key=lambda path: int(path.name.split(".")[3]))
+    for events in files:
         accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
         accumulator.Reload()
         for tag in accumulator.Tags()["scalars"]:
-            scalars[tag] = [[event.step, round(event.value, 6)] for event in accumulator.Scalars(tag)]
+            by_step.setdefault(tag, {}).update({event.step: round(event.value, 6) for event in accumulator.Scalars(tag)})
+    scalars = {tag: [[step, values[step]] for step in sorted(values)] for tag, values in by_step.items()}
     if not scalars:
         raise FileNotFoundError(f"{run_dir}: no TensorBoard scalars (events.out.tfevents.*) found.")
     LOGS.mkdir(parents=True, exist_ok=True)

@@ -149,3 +149,22 @@ def test_workflow_timing_runs_the_users_command(tiny_dataset, tmp_path) -> None:
     assert "| watnet | inferring | inference.yaml | onnxruntime | 2 | 61.0 (59.0–70.0), n=3 | **no** |" in (
         workflows.markdown([result])
     )
+
+
+def test_curves_export_joins_the_event_files_of_a_resumed_run(tmp_path, monkeypatch) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from benchmarks import curves
+
+    run_dir = tmp_path / "run"
+    for start, steps, value in ((1796000000, (1, 2, 3), 1.0), (1796000900, (3, 4, 5), 2.0)):  # resumed at step 3
+        writer = SummaryWriter(str(tmp_path / "writing"))
+        for step in steps:
+            writer.add_scalar("train_loss", value, step)
+        writer.close()
+        (written,) = (tmp_path / "writing").iterdir()
+        run_dir.mkdir(exist_ok=True)
+        written.rename(run_dir / f"events.out.tfevents.{start}.host.{100 + start % 7}.0")
+    monkeypatch.setattr(curves, "LOGS", tmp_path / "logs")
+    exported = json.loads(curves.export("watnet", str(run_dir)).read_text())
+    assert exported["scalars"]["train_loss"] == [[1, 1.0], [2, 1.0], [3, 2.0], [4, 2.0], [5, 2.0]]
