@@ -14,14 +14,13 @@ from typing import Any, TypeVar
 import torch
 from monai.bundle import ConfigWorkflow
 
-from synth7t import data, engines, losses, networks, outputs, transforms
+from synth7t import data, losses, networks, outputs, transforms
 from synth7t.errors import InputError
 
 __all__ = [
     "BadInput",
     "bundle_root",
     "check_absent",
-    "choose_backend",
     "check_device",
     "check_output_dir",
     "check_training_outputs",
@@ -111,7 +110,6 @@ radimagenet_perceptual_loss = stop_on_bad_input(losses.radimagenet_perceptual_lo
 load_vit_checkpoint = stop_on_bad_input(networks.load_vit_checkpoint)
 prediction_paths = stop_on_bad_input(outputs.prediction_paths)
 check_absent = stop_on_bad_input(outputs.check_absent)
-choose_backend = stop_on_bad_input(engines.choose_backend)
 check_output_dir = stop_on_bad_input(outputs.check_output_dir)
 check_training_outputs = stop_on_bad_input(outputs.check_training_outputs)
 

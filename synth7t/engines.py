@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-import logging
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,12 +10,9 @@ from monai.engines import AdversarialTrainer
 from monai.utils import AdversarialKeys, CommonKeys
 from torch import nn
 
-from synth7t.errors import InputError
 from synth7t.losses import critic_scores, gradient_penalty
 
-__all__ = ["BACKENDS", "AutocastNetwork", "CriticStepsAdversarialTrainer", "OnnxRuntimeNetwork", "choose_backend"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["AutocastNetwork", "CriticStepsAdversarialTrainer", "OnnxRuntimeNetwork"]
 
 
 class AutocastNetwork(nn.Module):
@@ -182,66 +176,3 @@ class OnnxRuntimeNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (output,) = self.session.run(None, {self.input_name: x.detach().float().cpu().numpy()})
         return torch.from_numpy(output).to(x.device)
-
-
-BACKENDS = ("auto", "pytorch", "onnxruntime")
-"""Values of a bundle's ``backend`` setting (:func:`choose_backend`)."""
-
-
-def choose_backend(
-    backend: str,
-    network: nn.Module,
-    ckpt_path: str | Path,
-    onnx_path: str | Path,
-    device: torch.device | str,
-    probe_shape: list[int] | tuple[int, ...],
-    tolerance: float = 1e-4,
-) -> str:
-    """The backend an inference or evaluation run uses: ``"pytorch"`` or ``"onnxruntime"``.
-
-    ``backend`` is what the user asked for. ``"pytorch"`` and ``"onnxruntime"`` are taken as they are (the latter
-    runs ``onnx_path`` whatever checkpoint is configured). ``"auto"`` picks ONNX Runtime, ~2.4 times faster than
-    eager PyTorch for WATNet on a CPU (``make bench``), only where it gives the checkpoint's output: the device is a
-    CPU, ``onnxruntime`` is installed, ``onnx_path`` exists, and on one seeded random input of ``probe_shape`` the
-    ONNX model's output is within ``tolerance`` of ``network`` with ``ckpt_path``'s weights (so a checkpoint that was
-    retrained, or a changed architecture, without a new export runs on PyTorch). Otherwise PyTorch. The probe loads
-    the checkpoint into ``network`` (which the run's ``CheckpointLoader`` does anyway) and any failure to load or
-    run either side means PyTorch, whose own checks then report the problem. The choice is logged.
-    """
-    if backend not in BACKENDS:
-        raise InputError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}.")
-    if backend != "auto":
-        return backend
-    reason = _onnxruntime_unfit(network, ckpt_path, onnx_path, torch.device(device), probe_shape, tolerance)
-    chosen = "pytorch" if reason else "onnxruntime"
-    logger.info("backend auto: %s (%s)", chosen, reason or f"{onnx_path} reproduces {ckpt_path} within {tolerance:g}")
-    return chosen
-
-
-def _onnxruntime_unfit(
-    network: nn.Module,
-    ckpt_path: str | Path,
-    onnx_path: str | Path,
-    device: torch.device,
-    probe_shape: list[int] | tuple[int, ...],
-    tolerance: float,
-) -> str:
-    """Why ONNX Runtime cannot stand in for ``network`` with ``ckpt_path``'s weights, or ``""`` when it can."""
-    if device.type != "cpu":
-        return f"device {device}"
-    if importlib.util.find_spec("onnxruntime") is None:
-        return "onnxruntime is not installed"
-    if not Path(onnx_path).is_file() or not Path(ckpt_path).is_file():
-        return f"{onnx_path if not Path(onnx_path).is_file() else ckpt_path} not found"
-    probe = torch.rand(tuple(probe_shape), generator=torch.Generator().manual_seed(0))
-    try:
-        network.load_state_dict(torch.load(ckpt_path, map_location="cpu", weights_only=True))
-        with torch.inference_mode():
-            expected = network.eval().cpu()(probe)
-            actual = OnnxRuntimeNetwork(str(onnx_path))(probe)
-        difference = float((expected - actual).abs().max())
-    except Exception as error:  # any failure to load or run either model means: not a stand-in
-        return f"the probe failed: {type(error).__name__}"
-    if not difference <= tolerance:
-        return f"{onnx_path} differs from {ckpt_path} by {difference:.2g}"
-    return ""

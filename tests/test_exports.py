@@ -57,12 +57,7 @@ SHAPES = [
     for bundle, case in EXPORTS.items()
     for shape in case.shapes
 ]
-# configs and overrides of each backend's inference (watnet's default, backend auto, picks ONNX Runtime on a CPU)
-BACKENDS = {
-    "pytorch": (["inference.yaml"], {"backend": "pytorch"}),
-    "onnx": (["inference.yaml", "inference_onnx.yaml"], {}),
-}
-AUTO_BACKEND = {"watnet": "onnxruntime"}  # what `backend: auto` picks with the shipped files, where it is a setting
+BACKENDS = {"pytorch": ["inference.yaml"], "onnx": ["inference.yaml", "inference_onnx.yaml"]}
 # the workflows the ONNX overlay is merged into: configs before it, and the run id
 ROADS = {"inference": (["inference.yaml"], "inferring"), "evaluation": (["train.yaml", "evaluate.yaml"], "evaluating")}
 
@@ -141,24 +136,18 @@ def test_onnx_backend_infers_the_same_volumes_as_pytorch(bundle, request, tmp_pa
     dataset = request.getfixturevalue(EXPORTS[bundle].dataset)
     for required in ("model.pt", "model.onnx"):
         shipped(bundle, required)
-    roads = {**BACKENDS, **({"auto": (["inference.yaml"], {})} if bundle in AUTO_BACKEND else {})}
-    for name, (files, overrides) in roads.items():
+    for name, files in BACKENDS.items():
         result = run_bundle(
-            bundle, "inferring", files, dataset_dir=str(dataset), output_dir=str(tmp_path / name), num_workers=0,
-            **overrides,
-        )  # fmt: skip
+            bundle, "inferring", files, dataset_dir=str(dataset), output_dir=str(tmp_path / name), num_workers=0
+        )
         assert result.returncode == 0, result.stderr[-3000:]
-        if name == "auto":
-            assert f"backend auto: {AUTO_BACKEND[bundle]}" in result.stdout + result.stderr
     written = sorted(path.name for path in (tmp_path / "pytorch").glob("*.nii.gz"))
+    assert written == sorted(path.name for path in (tmp_path / "onnx").glob("*.nii.gz"))
     assert len(written) == len(json.loads((dataset / "datalist.json").read_text())["test"])
-    for road in roads:
-        assert written == sorted(path.name for path in (tmp_path / road).glob("*.nii.gz")), road
     for name in written:
-        volumes = [nib.load(tmp_path / road / name) for road in roads]
-        for volume in volumes[1:]:
-            np.testing.assert_allclose(volume.affine, volumes[0].affine)
-            assert np.abs(volume.get_fdata() - volumes[0].get_fdata()).max() <= 1e-4
+        volumes = [nib.load(tmp_path / backend / name) for backend in BACKENDS]
+        np.testing.assert_allclose(volumes[0].affine, volumes[1].affine)
+        assert np.abs(volumes[0].get_fdata() - volumes[1].get_fdata()).max() <= 1e-4
 
 
 def _rows(metrics_csv: Path) -> list[dict[str, str]]:
@@ -172,10 +161,10 @@ def test_onnx_backend_evaluates_as_pytorch(bundle, request, tmp_path):
     metrics (outputs within 1e-4, so MAE within 1e-5 and PSNR within 0.01 dB), the same baselines."""
     dataset = request.getfixturevalue(EXPORTS[bundle].dataset)
     configs = REPOSITORY / "bundles" / bundle / "configs"
-    for backend, overlays, overrides in (("pytorch", [], {"backend": "pytorch"}), ("onnx", ["inference_onnx.yaml"], {})):
+    for backend, overlays in (("pytorch", []), ("onnx", ["inference_onnx.yaml"])):
         run_in_process(
             "evaluating", config_file=[str(configs / name) for name in (*ROADS["evaluation"][0], *overlays)],
-            dataset_dir=str(dataset), output_dir=str(tmp_path / backend), num_workers=0, **overrides,
+            dataset_dir=str(dataset), output_dir=str(tmp_path / backend), num_workers=0,
         )  # fmt: skip
     pytorch, onnx = (_rows(tmp_path / backend / "metrics.csv") for backend in ("pytorch", "onnx"))
     assert [row["subject"] for row in onnx] == [row["subject"] for row in pytorch] and pytorch
