@@ -6,14 +6,12 @@ subject of the prepared TELL data: the validation subject sub-TELL0105, a 182 x 
 (``data/tell7t_realistic``) or, for ``vct_adc7t``, its 3T T1w and raw diffusion series
 (``data/tell7t_diffusion``, the ADC fitted in the workflow). The time is the whole command: interpreter and library
 start-up, config parsing, the pre-compute checks, reading, inference, metrics and writing. Each command runs
-``runs`` times in a fresh process; median (min–max). The backend each run used is read from its log
-(``backend auto: ...``, where the bundle has that setting). Missing prepared data are prepared first.
+``runs`` times in a fresh process; median (min–max). Missing prepared data are prepared first.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import statistics
 import subprocess
 import sys
@@ -55,8 +53,8 @@ def one_subject_datalist(bundle: str, work: Path) -> Path:
     return path
 
 
-def time_workflow(bundle: str, run_id: str, datalist: Path, output_dir: Path) -> tuple[float, str]:
-    """Seconds of one ``python -m monai.bundle run <run_id>`` of ``bundle`` at its defaults, and its backend."""
+def time_workflow(bundle: str, run_id: str, datalist: Path, output_dir: Path) -> float:
+    """Seconds of one ``python -m monai.bundle run <run_id>`` of ``bundle`` at its defaults."""
     configs = str([str(REPOSITORY / "bundles" / bundle / "configs" / name) for name in WORKFLOWS[run_id]])
     command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", configs]
     command += ["--datalist", str(datalist), "--output_dir", str(output_dir)]
@@ -65,8 +63,7 @@ def time_workflow(bundle: str, run_id: str, datalist: Path, output_dir: Path) ->
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    chosen = re.search(r"backend auto: (\w+)", result.stdout + result.stderr)
-    return seconds, chosen.group(1) if chosen else "pytorch"
+    return seconds
 
 
 def slab_stride(bundle: str) -> int | None:
@@ -81,16 +78,11 @@ def run(work: Path, runs: int = 3) -> list[dict[str, Any]]:
     for bundle in BUNDLES:
         datalist = one_subject_datalist(bundle, work)
         for run_id in WORKFLOWS:
-            timings, backends = [], set()
-            for index in range(runs):
-                seconds, backend = time_workflow(bundle, run_id, datalist, work / f"{bundle}_{run_id}_{index}")
-                timings.append(seconds)
-                backends.add(backend)
+            timings = [time_workflow(bundle, run_id, datalist, work / f"{bundle}_{run_id}_{i}") for i in range(runs)]
             result = {
                 "bundle": bundle,
                 "workflow": run_id,
                 "configs": " + ".join(WORKFLOWS[run_id]),
-                "backend": " / ".join(sorted(backends)),
                 "slab_stride": slab_stride(bundle),
                 "median_s": round(statistics.median(timings), 1),
                 "min_s": round(min(timings), 1),
@@ -98,16 +90,16 @@ def run(work: Path, runs: int = 3) -> list[dict[str, Any]]:
                 "runs": runs,
             }
             results.append(result)
-            print(f"{bundle} {run_id}: {result['median_s']} s ({result['backend']})", flush=True)
+            print(f"{bundle} {run_id}: {result['median_s']} s", flush=True)
     return results
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
-    """One row per bundle and workflow: configs, backend used, slab stride, median (min–max) seconds, within 60 s."""
-    header = ["bundle", "workflow", "configs", "backend", "slab stride", "median s (min–max)", f"≤ {TARGET_S:.0f} s"]
+    """One row per bundle and workflow: configs, slab stride, median (min–max) seconds, within 60 s."""
+    header = ["bundle", "workflow", "configs", "slab stride", "median s (min–max)", f"≤ {TARGET_S:.0f} s"]
     rows = [
         [
-            r["bundle"], r["workflow"], r["configs"], r["backend"], r["slab_stride"] or "",
+            r["bundle"], r["workflow"], r["configs"], r["slab_stride"] or "",
             f"{r['median_s']:.1f} ({r['min_s']:.1f}–{r['max_s']:.1f}), n={r['runs']}",
             "yes" if r["median_s"] <= TARGET_S else "**no**",
         ]

@@ -47,6 +47,11 @@ class SlabInferer(Inferer):
             the training slabs), after the ``context`` passed to this inferer, if any.
         progress: show a ``tqdm`` progress bar over each volume's batches of slabs, as MONAI's
             ``SlidingWindowInferer(progress=True)`` does over its windows.
+        reuse_empty_slabs: run the network on one all-zero slab per volume and give its prediction to every other
+            all-zero slab (the slices above and below a skull-stripped brain: about a quarter of the slabs of the
+            TELL volumes) instead of computing the same prediction again for each. The network gets the same
+            input either way, so the output is the same up to float rounding (tests/test_inferers.py). Not with
+            ``append_slice_position``, where each slab's context differs.
 
     A ``context`` keyword of shape ``(B, D)`` (per-volume conditioning, e.g. age, sex, diagnosis) is given to the
     network for every slab of volume ``b`` as ``context[b]``.
@@ -65,8 +70,10 @@ class SlabInferer(Inferer):
         padding_mode: str = "replicate",
         append_slice_position: bool = False,
         progress: bool = False,
+        reuse_empty_slabs: bool = True,
     ) -> None:
         super().__init__()
+        self.reuse_empty_slabs = reuse_empty_slabs and not append_slice_position
         self.append_slice_position = append_slice_position
         self.progress = progress
         if slab_size < 1 or slab_size % 2 == 0:
@@ -134,7 +141,13 @@ class SlabInferer(Inferer):
         channels, height, width, depth, k = slabs.shape
         total: torch.Tensor | None = None
         coverage = slabs.new_zeros(depth, dtype=torch.float32)
-        batches = self._centres(depth, slabs.device).split(self.batch_size)
+        centres = self._centres(depth, slabs.device)
+        empty_centres = centres[:0]  # all-zero slabs: the first is computed, the others take its prediction
+        if self.reuse_empty_slabs:
+            empty_centres = centres[~slabs[:, :, :, centres].ne(0).any(dim=4).flatten(0, 2).any(dim=0)]
+            centres = centres[~torch.isin(centres, empty_centres[1:])]
+        empty_prediction: torch.Tensor | None = None
+        batches = centres.split(self.batch_size)
         for centres in tqdm(batches, desc="slabs", unit="batch", leave=False) if self.progress else batches:
             batch = slabs[:, :, :, centres].permute(3, 0, 4, 1, 2).reshape(len(centres), channels * k, height, width)
             slab_context = self._slab_context(context, centres, depth)
@@ -144,12 +157,22 @@ class SlabInferer(Inferer):
             if total is None:
                 out_channels = prediction.shape[1] // (k if self.output == "slab" else 1)
                 total = prediction.new_zeros(out_channels, height, width, depth)
-            if self.output == "center":
-                total[..., centres] = prediction.permute(1, 2, 3, 0)
-            else:
-                self._accumulate_slab(total, coverage, prediction, centres)
+            self._place(total, coverage, prediction, centres)
+            if len(empty_centres) > 1 and bool((centres == empty_centres[0]).any()):
+                empty_prediction = prediction[centres == empty_centres[0]]
+        if empty_prediction is not None:
+            assert total is not None
+            reused = empty_centres[1:]
+            self._place(total, coverage, empty_prediction.expand(len(reused), *empty_prediction.shape[1:]), reused)
         assert total is not None
         return total / coverage.to(total.device) if self.output == "slab" else total
+
+    def _place(self, total: torch.Tensor, coverage: torch.Tensor, prediction: torch.Tensor, centres: torch.Tensor):
+        """Write (``"center"``) or accumulate (``"slab"``) the predictions of the slabs centred on ``centres``."""
+        if self.output == "center":
+            total[..., centres] = prediction.permute(1, 2, 3, 0)
+        else:
+            self._accumulate_slab(total, coverage, prediction, centres)
 
     def _accumulate_slab(
         self, total: torch.Tensor, coverage: torch.Tensor, prediction: torch.Tensor, centres: torch.Tensor

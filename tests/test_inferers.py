@@ -243,3 +243,60 @@ def test_volume_context_reaches_every_slab_of_its_volume_then_the_position():
 def test_volume_context_without_position():
     out = SlabInferer(slab_size=1, output="center")(torch.rand(1, 1, 2, 2, 3), _ContextEcho(), context=torch.tensor([[0.5]]))
     assert torch.all(out == 0.5)
+
+
+class _BiasedConv(torch.nn.Module):
+    """A random 3x3 conv with a bias, so an all-zero slab has a non-zero prediction; counts the slabs it is given."""
+
+    def __init__(self, channels_in: int, channels_out: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(channels_in, channels_out, 3, padding=1)
+        torch.nn.init.uniform_(self.conv.bias, 0.5, 1.0)
+        self.slabs = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.slabs += len(x)
+        return self.conv(x)
+
+
+def _brain_between_zero_slices(depth: int, first: int, last: int) -> torch.Tensor:
+    """A (1, 1, 6, 5, depth) volume that is zero outside slices ``first`` .. ``last``, as a skull-stripped one is."""
+    volume = torch.zeros(1, 1, 6, 5, depth)
+    volume[..., first : last + 1] = 0.1 + torch.rand(1, 1, 6, 5, last + 1 - first, generator=torch.Generator().manual_seed(1))
+    return volume
+
+
+@pytest.mark.parametrize(("output", "stride"), [("slab", 1), ("slab", 2), ("slab", 3), ("center", 1)])
+@pytest.mark.parametrize("batch_size", [1, 4, 16])
+def test_empty_slabs_reuse_one_prediction_and_give_the_same_output(output, stride, batch_size):
+    volume = _brain_between_zero_slices(depth=20, first=6, last=12)
+    results, calls = {}, {}
+    for reuse in (True, False):
+        network = _BiasedConv(3, 3 if output == "slab" else 1)
+        inferer = SlabInferer(slab_size=3, output=output, stride=stride, batch_size=batch_size, reuse_empty_slabs=reuse)
+        with torch.no_grad():
+            results[reuse] = inferer(volume, network)
+        calls[reuse] = network.slabs
+    torch.testing.assert_close(results[True], results[False], rtol=0, atol=1e-6)
+    centres = SlabInferer(slab_size=3, output=output, stride=stride)._centres(20, torch.device("cpu"))
+    empty = [c for c in centres.tolist() if c + 1 < 6 or c - 1 > 12]  # slabs of zero slices only
+    assert calls[False] == len(centres) and calls[True] == len(centres) - len(empty) + 1
+
+
+def test_a_volume_without_empty_slabs_runs_every_slab_once():
+    network = _BiasedConv(3, 3)
+    with torch.no_grad():
+        SlabInferer(slab_size=3, batch_size=4)(_brain_between_zero_slices(depth=9, first=0, last=8), network)
+    assert network.slabs == 9
+
+
+def test_empty_slabs_are_not_reused_when_each_slab_has_its_own_position():
+    seen = []
+
+    def record_context(x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        seen.extend(context[:, -1].tolist())
+        return x[:, 1:2].clone()
+
+    SlabInferer(slab_size=3, output="center", append_slice_position=True)(torch.zeros(1, 1, 4, 4, 7), record_context)
+    assert len(seen) == 7
