@@ -10,9 +10,7 @@
 - A figure per bundle: ``scripts/demo.py`` on the shipped sample (input, prediction, real 7T and error on the same
   axial, coronal and sagittal sections).
 
-The evaluations run with the bundles' ONNX Runtime overlay (``inference_onnx.yaml``: the shipped weights as
-``models/model.onnx``, equal to ``models/model.pt`` within 1e-4 by ``tests/test_exports.py``), 2.3 times faster than
-PyTorch for WATNet on this project's CPU. Missing prepared data are prepared first from the 7T volumes in ``$SYNTH7T_TELL7T`` (default
+The evaluations run the bundles' default configs, as the model cards' commands do. Missing prepared data are prepared first from the 7T volumes in ``$SYNTH7T_TELL7T`` (default
 ``../shared/data/tell7t`` beside the repository). This part still runs whole volumes (about 7 minutes here, most of it
 WATNet), so :func:`run` reuses an earlier result whose inputs (weights and data, by SHA-256) are unchanged.
 """
@@ -37,7 +35,7 @@ RECIPES = {  # the README's preparation commands
     "realistic": [],
     "seed001": ["--recipe", "seed001", "--quantize_8bit", "True", "--leave_one_out", "True"],
 }
-EVALUATION_CONFIGS = ("train.yaml", "evaluate.yaml", "inference_onnx.yaml")  # merged in this order
+EVALUATION_CONFIGS = ("train.yaml", "evaluate.yaml")  # merged in this order
 COLUMNS = ("psnr", "ssim", "mae", "psnr_brain", "ssim_brain")
 SEED_TABLE_1 = {  # spec watnet.md §6.1, full precision (mean, std)
     "identity": {"mae": (0.012005, 0.004080), "psnr": (28.7586, 2.8865), "ssim": (0.94902, 0.01728)},
