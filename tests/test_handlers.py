@@ -93,3 +93,20 @@ def test_loss_progress_bar_reads_an_output_that_is_not_decollated(capsys):
     engine.run(range(2), max_epochs=1)
     err = capsys.readouterr().err
     assert "loss=0.5" in err and "loss_0" not in err
+
+
+@pytest.mark.parametrize("sigma", [0.3, 1.0])
+def test_gaussian_baseline_smooths_the_brain_box_as_the_whole_volume(sigma):
+    """Smoothing only the mask's box (widened by the kernel radius) gives what smoothing everything and masking gives,
+    with input outside the mask that the kernels reach and a mask that touches the volume's edge."""
+    from monai.transforms import GaussianSmooth
+
+    generator = torch.Generator().manual_seed(1)
+    image = torch.rand((1, 30, 26, 22), generator=generator)
+    label = torch.rand((1, 30, 26, 22), generator=generator)
+    mask = torch.zeros_like(image)
+    mask[:, 8:20, 0:12, 5:17] = 1
+    _, smoothed = gaussian_baseline(image, label, mask, sigmas=(sigma,))
+    expected = GaussianSmooth(sigma)(image).clamp(0.0, 1.0) * (mask > 0)
+    torch.testing.assert_close(smoothed, expected, rtol=0, atol=1e-6)
+    assert float(smoothed[mask > 0].abs().min()) > 0
