@@ -18,8 +18,8 @@ networks): the inferers run independent, fixed-size batches of slabs or slices, 
 block time times the number of slices over the block size, reported as an estimate (``whole_volume_estimated``).
 ``slices=None`` times the whole volume (the default on CUDA).
 
-Levers (``lever_cases``): ``watnet``'s default, the one bundle over a minute per volume in eager PyTorch, is also
-timed with one setting changed per case: contiguous instead of channels-last memory, one torch thread instead of
+Levers (``lever_cases``): ``watnet``'s default, the slowest bundle (over a minute per volume before its slab
+stride 2), is also timed with one setting changed per case: contiguous instead of channels-last memory, one torch thread instead of
 torch's default, bfloat16 autocast, 4 or 32 slabs per forward pass instead of 16, ``torch.compile``, slab stride 1
 (the faithful scheme, every slice from three slabs) or 3 instead of the default 2 (quality in the model card). The
 random volumes have no all-zero slabs, so the inferer's reuse of their prediction saves nothing here; the workflow
@@ -58,7 +58,7 @@ CHANNELS_LAST = {"watnet"}  # the bundles whose inference.yaml runs the network 
 # What each case may change from its bundle's inference.yaml (the levers): torch threads (None: torch's default),
 # channels-last memory format, bfloat16 autocast, slabs per forward pass and slab stride (None: the config's).
 LEVER_DEFAULTS = {"threads": None, "channels_last": None, "bf16": False, "batch_size": None, "stride": None}
-# watnet's levers, the one default over a minute per volume in eager PyTorch: one change each from its inference.yaml
+# watnet's levers (the slowest default): one change each from its inference.yaml
 WATNET_LEVERS = (
     {"channels_last": False},
     {"threads": 1},
