@@ -6,7 +6,8 @@ Parts, in order: whole-volume inference with the CPU levers (``benchmarks.infere
 bundle's default ``inferring`` and ``evaluating`` commands (``benchmarks.workflows``), training throughput
 (``benchmarks.training``), the ADC fit against DIPY (``benchmarks.adc``), quality on held-out subjects with the
 sample figures (``benchmarks.quality``, reused from the previous ``<name>.json`` while weights and data are unchanged)
-and the training curves (``benchmarks.curves``). CUDA cases are added when a GPU is present. Nothing here asserts a figure.
+and the training curves (``benchmarks.curves``). CUDA cases are added when a GPU is present. Nothing here asserts a
+figure.
 ``--parts`` reruns some parts; the others are kept from the previous ``<name>.json``, the report giving their date.
 """
 

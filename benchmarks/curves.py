@@ -35,7 +35,8 @@ def export(bundle: str, run_dir: str) -> Path:
         accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
         accumulator.Reload()
         for tag in accumulator.Tags()["scalars"]:
-            by_step.setdefault(tag, {}).update({event.step: round(event.value, 6) for event in accumulator.Scalars(tag)})
+            values = {event.step: round(event.value, 6) for event in accumulator.Scalars(tag)}
+            by_step.setdefault(tag, {}).update(values)
     scalars = {tag: [[step, values[step]] for step in sorted(values)] for tag, values in by_step.items()}
     if not scalars:
         raise FileNotFoundError(f"{run_dir}: no TensorBoard scalars (events.out.tfevents.*) found.")

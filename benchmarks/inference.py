@@ -19,8 +19,8 @@ block time times the number of slices over the block size, reported as an estima
 ``slices=None`` times the whole volume (the default on CUDA).
 
 Levers (``lever_cases``): ``watnet``'s default, the slowest bundle (over a minute per volume before its slab
-stride 2), is also timed with one setting changed per case: contiguous instead of channels-last memory, one torch thread instead of
-torch's default, bfloat16 autocast, 4 or 32 slabs per forward pass instead of 16, ``torch.compile``, slab stride 1
+stride 2), is also timed with one setting changed per case: contiguous instead of channels-last memory, one torch
+thread instead of torch's default, bfloat16 autocast, 4 or 32 slabs per forward pass instead of 16, ``torch.compile``, slab stride 1
 (the faithful scheme, every slice from three slabs) or 3 instead of the default 2 (quality in the model card). The
 random volumes have no all-zero slabs, so the inferer's reuse of their prediction saves nothing here; the workflow
 part, on a real volume, includes it.
@@ -92,8 +92,8 @@ def cases(device: str) -> list[dict[str, Any]]:
 def lever_cases() -> list[dict[str, Any]]:
     """``watnet``'s default on the CPU with one lever changed per case (``WATNET_LEVERS``); the default's own eager
     and ONNX Runtime rows of :func:`cases` are the references."""
-    base = {"bundle": "watnet", "config": "default", "backend": "eager", "device": "cpu", "amp": False, "compile": False}
-    return [{**base, **LEVER_DEFAULTS, **lever} for lever in WATNET_LEVERS]
+    base = {"bundle": "watnet", "config": "default", "backend": "eager", "device": "cpu", "amp": False}
+    return [{**base, "compile": False, **LEVER_DEFAULTS, **lever} for lever in WATNET_LEVERS]
 
 
 def bundle_parser(bundle: str, config_file: str, config: str, device: str) -> ConfigParser:
@@ -202,7 +202,9 @@ def _label(result: dict[str, Any]) -> str:
     extras = [name for name in ("amp", "compile", "bf16") if result.get(name)]
     if result.get("channels_last") is not None:
         extras.append("channels-last" if result["channels_last"] else "contiguous")
-    extras += [f"{name.replace('_', ' ')} {result[name]}" for name in ("threads", "batch_size", "stride") if result.get(name)]
+    for name in ("threads", "batch_size", "stride"):
+        if result.get(name):
+            extras.append(f"{name.replace('_', ' ')} {result[name]}")
     return "+".join([result["backend"], *extras])
 
 

@@ -10,9 +10,10 @@
 - A figure per bundle: ``scripts/demo.py`` on the shipped sample (input, prediction, real 7T and error on the same
   axial, coronal and sagittal sections).
 
-The evaluations run the bundles' default configs, as the model cards' commands do. Missing prepared data are prepared first from the 7T volumes in ``$SYNTH7T_TELL7T`` (default
-``../shared/data/tell7t`` beside the repository). This part still runs whole volumes (about 7 minutes here, most of it
-WATNet), so :func:`run` reuses an earlier result whose inputs (weights and data, by SHA-256) are unchanged.
+The evaluations run the bundles' default configs, as the model cards' commands do. Missing prepared data are
+prepared first from the 7T volumes in ``$SYNTH7T_TELL7T`` (default ``../shared/data/tell7t`` beside the repository).
+This part still runs whole volumes (about 9 minutes here, most of it WATNet), so :func:`run` reuses an earlier
+result whose inputs (weights and data, by SHA-256) are unchanged.
 """
 
 from __future__ import annotations

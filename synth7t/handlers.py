@@ -16,6 +16,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 from monai.data import MetaTensor
 from monai.transforms import GaussianSmooth, Orientation
+from monai.transforms.utils import generate_spatial_bounding_box
 
 from synth7t.metrics import summarize, volume_metrics
 from synth7t.outputs import temporary_path
@@ -137,11 +138,14 @@ def gaussian_baseline(
     a TELL volume)."""
     values = image.as_tensor() if isinstance(image, MetaTensor) else image
     inside = mask > 0
-    box = _bounding_box(inside, margin=int(max(sigmas, default=0.0) * GAUSSIAN_TRUNCATED + 1.5))
+    margin = int(max(sigmas, default=0.0) * GAUSSIAN_TRUNCATED + 1.5)
+    start, end = generate_spatial_bounding_box(inside, margin=margin, allow_smaller=True)
+    box = (slice(None), *(slice(first, last) for first, last in zip(start, end)))
     best: tuple[float, float, torch.Tensor] | None = None
     for sigma in sigmas:
         candidate = torch.zeros_like(values)
-        candidate[box] = GaussianSmooth(sigma)(values[box]).clamp(0.0, 1.0)
+        if values[box].numel():  # an empty mask leaves the baseline zero, as masking would
+            candidate[box] = GaussianSmooth(sigma)(values[box]).clamp(0.0, 1.0)
         candidate = candidate * inside
         error = float(((candidate - label) ** 2).mean())
         if best is None or error < best[0]:
@@ -152,20 +156,6 @@ def gaussian_baseline(
 
 GAUSSIAN_TRUNCATED = 4.0
 """Kernel radius of MONAI ``GaussianSmooth`` in standard deviations (its ``GaussianFilter``'s ``truncated``)."""
-
-
-def _bounding_box(inside: torch.Tensor, margin: int) -> tuple[slice, ...]:
-    """Slices of ``(C, X, Y, Z)`` (or ``(X, Y, Z)``) covering every true voxel of ``inside`` plus ``margin`` voxels on
-    each side, within the volume; the whole volume when nothing is inside."""
-    spatial = inside.reshape(-1, *inside.shape[-3:]).any(dim=0)
-    box: list[slice] = [slice(None)] * (inside.ndim - 3)
-    for axis in range(3):
-        present = spatial.any(dim=tuple(a for a in range(3) if a != axis)).nonzero()
-        if len(present) == 0:
-            return tuple(slice(None) for _ in range(inside.ndim))
-        first, last = int(present[0]), int(present[-1])
-        box.append(slice(max(first - margin, 0), min(last + margin + 1, spatial.shape[axis])))
-    return tuple(box)
 
 
 class VolumeMetricsWriter:

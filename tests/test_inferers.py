@@ -263,7 +263,8 @@ class _BiasedConv(torch.nn.Module):
 def _brain_between_zero_slices(depth: int, first: int, last: int) -> torch.Tensor:
     """A (1, 1, 6, 5, depth) volume that is zero outside slices ``first`` .. ``last``, as a skull-stripped one is."""
     volume = torch.zeros(1, 1, 6, 5, depth)
-    volume[..., first : last + 1] = 0.1 + torch.rand(1, 1, 6, 5, last + 1 - first, generator=torch.Generator().manual_seed(1))
+    brain = torch.rand(1, 1, 6, 5, last + 1 - first, generator=torch.Generator().manual_seed(1))
+    volume[..., first : last + 1] = 0.1 + brain
     return volume
 
 
