@@ -167,7 +167,9 @@ class SlabInferer(Inferer):
         assert total is not None
         return total / coverage.to(total.device) if self.output == "slab" else total
 
-    def _place(self, total: torch.Tensor, coverage: torch.Tensor, prediction: torch.Tensor, centres: torch.Tensor):
+    def _place(
+        self, total: torch.Tensor, coverage: torch.Tensor, prediction: torch.Tensor, centres: torch.Tensor
+    ) -> None:
         """Write (``"center"``) or accumulate (``"slab"``) the predictions of the slabs centred on ``centres``."""
         if self.output == "center":
             total[..., centres] = prediction.permute(1, 2, 3, 0)
