@@ -2,6 +2,7 @@
 
 from synth7t.networks.adadm_unet import AdaDM, AdaDMResBlock, AttentionResUNet
 from synth7t.networks.basic_cnn import BasicCNN
+from synth7t.networks.fourier_conv import FourierConv2d
 from synth7t.networks.haar import HaarDWT2d
 from synth7t.networks.vct import VCT, ViTEncoder, load_vit_checkpoint
 from synth7t.networks.watnet import DistillationBlock, WaveletAffineTransform, WATNet
@@ -12,6 +13,7 @@ __all__ = [
     "AttentionResUNet",
     "BasicCNN",
     "DistillationBlock",
+    "FourierConv2d",
     "HaarDWT2d",
     "VCT",
     "ViTEncoder",
