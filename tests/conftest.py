@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -158,19 +160,46 @@ def checked(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return result
 
 
+# Bundle commands run in processes forked from one server per test worker that has imported these once.
+FORKSERVER = multiprocessing.get_context("forkserver")
+FORKSERVER.set_forkserver_preload(
+    ["cli_child", "fire", "nibabel", "ignite.engine", "torch.utils.tensorboard", "monai.bundle", "monai.apps",
+     "monai.engines", "monai.handlers", "monai.inferers", "monai.losses", "monai.metrics", "synth7t.bundle",
+     "synth7t.engines", "synth7t.handlers", "synth7t.losses", "synth7t.networks", "synth7t.transforms"]
+)  # fmt: skip
+COMMAND_TIMEOUT_S = 900
+
+
 def run_bundle(
-    bundle: str, run_id: str, configs: list[str], cwd: Path | None = None, **overrides
+    bundle: str, run_id: str, configs: list[str], cwd: Path | None = None, fresh_interpreter: bool = False, **overrides
 ) -> subprocess.CompletedProcess:
-    """Run a bundle workflow as a user would, from ``cwd`` (default: a directory outside the repository)."""
-    environment = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run(
-        bundle_command(bundle, run_id, configs, **overrides),
-        cwd=cwd or Path("/"),
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    """Run a bundle workflow as a user would, ``python -m monai.bundle run ...`` from ``cwd`` (default: a directory
+    outside the repository), in its own process with its own stdout, stderr and exit status.
+
+    By default the process is forked from a server that has imported MONAI and synth7t already (``cli_child``);
+    ``fresh_interpreter=True`` starts a new interpreter instead, for the tests about the command line itself."""
+    command = bundle_command(bundle, run_id, configs, **overrides)
+    cwd, environment = str(cwd or Path("/")), dict(os.environ, PYTHONUNBUFFERED="1")
+    if fresh_interpreter:
+        return subprocess.run(
+            command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S
+        )
+    import cli_child
+
+    with tempfile.TemporaryDirectory() as folder:
+        stdout, stderr = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
+        process = FORKSERVER.Process(
+            target=cli_child.run_command, args=(command[3:], cwd, environment, stdout, stderr)
+        )
+        process.start()
+        process.join(COMMAND_TIMEOUT_S)
+        if process.is_alive():
+            process.kill()
+            process.join()
+            raise subprocess.TimeoutExpired(command, COMMAND_TIMEOUT_S)
+        return subprocess.CompletedProcess(
+            command, process.exitcode, Path(stdout).read_text(errors="replace"), Path(stderr).read_text(errors="replace")
+        )
 
 
 def absolute_item(item: dict, dataset: Path) -> dict:
@@ -185,16 +214,18 @@ def write_datalist_of_test_items(dataset: Path, path: Path) -> Path:
     return path
 
 
-def evaluation_results(bundle: str, dataset: Path, output_dir: Path, **overrides) -> tuple[list[dict], dict]:
+def evaluation_results(
+    bundle: str, dataset: Path, output_dir: Path, fresh_interpreter: bool = False, **overrides
+) -> tuple[list[dict], dict]:
     """Run the bundle's ``evaluating`` workflow, train.yaml + evaluate.yaml as the model zoo runs it, on the "test"
-    list of ``dataset`` given in a datalist that holds nothing else, into ``output_dir``; its ``metrics.csv`` rows and
-    its ``metrics_summary.json``."""
+    list of ``dataset`` given in a datalist that holds nothing else, into ``output_dir`` (``run_bundle``'s
+    ``fresh_interpreter``); its ``metrics.csv`` rows and its ``metrics_summary.json``."""
     output_dir.mkdir(parents=True, exist_ok=True)
     datalist = write_datalist_of_test_items(dataset, output_dir / "test_only_datalist.json")
     checked(
         run_bundle(
-            bundle, "evaluating", ["train.yaml", "evaluate.yaml"], dataset_dir=str(dataset), datalist=str(datalist),
-            output_dir=str(output_dir), **overrides,
+            bundle, "evaluating", ["train.yaml", "evaluate.yaml"], fresh_interpreter=fresh_interpreter,
+            dataset_dir=str(dataset), datalist=str(datalist), output_dir=str(output_dir), **overrides,
         )
     )  # fmt: skip
     with (output_dir / "metrics.csv").open() as table:

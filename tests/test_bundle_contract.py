@@ -162,7 +162,7 @@ def test_inference_with_the_shipped_weights_from_another_directory(bundle, reque
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"test": [item]}))
     result = run_bundle(
-        bundle, "run", ["inference.yaml"], cwd=tmp_path, dataset_dir=str(dataset),
+        bundle, "run", ["inference.yaml"], cwd=tmp_path, fresh_interpreter=True, dataset_dir=str(dataset),
         datalist=str(datalist), output_dir="predictions", num_workers=0,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

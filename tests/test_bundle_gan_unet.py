@@ -256,8 +256,9 @@ def test_evaluation_writes_per_subject_metrics_with_identity_and_gaussian_baseli
     trained_unet, tiny_dataset, tmp_path
 ):
     rows, summary = evaluation_results(
-        BUNDLE, tiny_dataset, tmp_path, ckpt_path=str(trained_unet / "model.pt"), num_workers=0, **TINY_NETWORK
-    )
+        BUNDLE, tiny_dataset, tmp_path, fresh_interpreter=True, ckpt_path=str(trained_unet / "model.pt"), num_workers=0,
+        **TINY_NETWORK,
+    )  # fmt: skip
     assert [row["subject"] for row in rows] == ["sub-4_3T", "sub-5_3T"]
     names = ("psnr", "ssim", "mse", "mae", "psnr_brain", "identity_psnr", "identity_mae_brain", "gaussian_psnr",
              "gaussian_ssim_brain")  # fmt: skip

@@ -124,8 +124,9 @@ def test_early_stopping_watches_the_validation_loss(tiny_diffusion_dataset, tmp_
 
 def test_evaluation_scores_the_model_and_the_3t_adc_baselines(trained, tiny_diffusion_dataset, tmp_path):
     rows, summary = evaluation_results(
-        BUNDLE, tiny_diffusion_dataset, tmp_path, ckpt_path=str(trained / "model.pt"), num_workers=0, **TINY_NETWORK
-    )
+        BUNDLE, tiny_diffusion_dataset, tmp_path, fresh_interpreter=True, ckpt_path=str(trained / "model.pt"),
+        num_workers=0, **TINY_NETWORK,
+    )  # fmt: skip
     assert [row["subject"] for row in rows] == ["sub-4_3T_T1w", "sub-5_3T_T1w"]
     for row in rows:
         for name in ("psnr", "ssim", "mse", "psnr_brain"):

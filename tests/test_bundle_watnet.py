@@ -152,7 +152,7 @@ def _normalised_ras(path: Path, mask: np.ndarray) -> np.ndarray:
 
 def test_evaluation_writes_per_subject_metrics_with_identity_and_gaussian_baselines(trained, tiny_dataset, tmp_path):
     rows, summary = evaluation_results(
-        "watnet", tiny_dataset, tmp_path, ckpt_path=str(trained / "model.pt"), num_workers=0
+        "watnet", tiny_dataset, tmp_path, fresh_interpreter=True, ckpt_path=str(trained / "model.pt"), num_workers=0
     )
     assert [row["subject"] for row in rows] == ["sub-4_3T", "sub-5_3T"]
     prefixes = ("", "identity_", "gaussian_")
@@ -283,7 +283,10 @@ def test_bad_training_pair_is_reported_from_the_command_line_without_a_traceback
     datalist["training"][1]["label"] = _write(label, source.get_fdata().astype(np.float32), shifted)
     (tmp_path / "datalist.json").write_text(json.dumps(datalist))
     output = tmp_path / "train"
-    result = run_bundle("watnet", "training", ["train.yaml"], dataset_dir=str(tmp_path), output_dir=str(output), **TINY_TRAINING)
+    result = run_bundle(
+        "watnet", "training", ["train.yaml"], fresh_interpreter=True, dataset_dir=str(tmp_path),
+        output_dir=str(output), **TINY_TRAINING,
+    )  # fmt: skip
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
