@@ -170,6 +170,18 @@ FORKSERVER.set_forkserver_preload(
 COMMAND_TIMEOUT_S = 900
 
 
+def start_bundle_command(
+    command: list[str], cwd: str, environment: dict, stdout: str = os.devnull, stderr: str = os.devnull
+) -> multiprocessing.process.BaseProcess:
+    """Start ``command`` (a :func:`bundle_command`) in a process forked from the import server, its output to the
+    files ``stdout`` and ``stderr``; returns the started process (``join``, ``kill``, ``exitcode``)."""
+    import cli_child
+
+    process = FORKSERVER.Process(target=cli_child.run_command, args=(command[3:], cwd, environment, stdout, stderr))
+    process.start()
+    return process
+
+
 def run_bundle(
     bundle: str, run_id: str, configs: list[str], cwd: Path | None = None, fresh_interpreter: bool = False, **overrides
 ) -> subprocess.CompletedProcess:
@@ -184,14 +196,9 @@ def run_bundle(
         return subprocess.run(
             command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S
         )
-    import cli_child
-
     with tempfile.TemporaryDirectory() as folder:
         stdout, stderr = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
-        process = FORKSERVER.Process(
-            target=cli_child.run_command, args=(command[3:], cwd, environment, stdout, stderr)
-        )
-        process.start()
+        process = start_bundle_command(command, cwd, environment, stdout, stderr)
         process.join(COMMAND_TIMEOUT_S)
         if process.is_alive():
             process.kill()

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from synth7t.outputs import AtomicNibabelWriter, check_absent, prediction_paths,
 from synth7t.resume import RandomStates, ValidationState
 from synth7t.transforms import RandSimulate3Td
 
-from conftest import TINY_NETWORKS, bundle_command, checked
+from conftest import TINY_NETWORKS, bundle_command, start_bundle_command
 
 
 def test_prediction_paths_name_outputs_as_save_imaged_does(tmp_path):
@@ -169,9 +168,9 @@ def _noisy_volume(shape: tuple[int, int, int], seed: int) -> np.ndarray:
 
 
 def test_a_kill_while_inference_writes_leaves_the_previous_result(tmp_path):
-    """SIGKILL a real `python -m monai.bundle run inferring` the moment its temporary output appears, retrying until
-    a kill lands inside the write: the final name then still holds the earlier result, whole; the next run clears
-    the killed run's temporary file."""
+    """SIGKILL a `python -m monai.bundle run inferring` process (forked from conftest's import server) the moment its
+    temporary output appears, retrying until a kill lands inside the write: the final name then still holds the
+    earlier result, whole; the next run clears the killed run's temporary file."""
     data, output_dir = tmp_path / "data", tmp_path / "out"
     data.mkdir()
     output_dir.mkdir()
@@ -188,11 +187,11 @@ def test_a_kill_while_inference_writes_leaves_the_previous_result(tmp_path):
     )  # fmt: skip
     hits = 0
     for attempt in range(6):
-        process = subprocess.Popen(command, cwd="/", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while process.poll() is None and not list(output_dir.glob(".sub_3T_7t.nii.gz.*")):
+        process = start_bundle_command(command, "/", dict(os.environ))
+        while process.is_alive() and not list(output_dir.glob(".sub_3T_7t.nii.gz.*")):
             time.sleep(0.002)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+        process.kill()  # SIGKILL
+        process.join()
         left = list(output_dir.glob(".sub_3T_7t.nii.gz.*.tmp.nii.gz"))
         if final.read_bytes() == earlier:
             hits += bool(left)
@@ -204,7 +203,9 @@ def test_a_kill_while_inference_writes_leaves_the_previous_result(tmp_path):
     assert hits, "no kill landed while the output was being written"
     print(f"kill landed inside the write after {attempt + 1} attempts")
     assert nib.load(final).get_fdata().mean() == pytest.approx(0.25)
-    checked(subprocess.run(command, cwd="/", capture_output=True, text=True, timeout=900))
+    process = start_bundle_command(command, "/", dict(os.environ))
+    process.join(900)
+    assert process.exitcode == 0
     assert [p.name for p in output_dir.iterdir()] == [final.name]  # the killed run's temporary file is gone
     assert nib.load(final).get_fdata().shape == (160, 160, 32)
 
