@@ -186,12 +186,18 @@ def run_bundle(
     bundle: str, run_id: str, configs: list[str], cwd: Path | None = None, fresh_interpreter: bool = False, **overrides
 ) -> subprocess.CompletedProcess:
     """Run a bundle workflow as a user would, ``python -m monai.bundle run ...`` from ``cwd`` (default: a directory
-    outside the repository), in its own process with its own stdout, stderr and exit status.
+    outside the repository): :func:`run_command` of its :func:`bundle_command`."""
+    command = bundle_command(bundle, run_id, configs, **overrides)
+    return run_command(command, cwd or Path("/"), fresh_interpreter)
+
+
+def run_command(command: list[str], cwd: Path | str, fresh_interpreter: bool = False) -> subprocess.CompletedProcess:
+    """Run ``command`` (a :func:`bundle_command`) from ``cwd`` in its own process with its own stdout, stderr and
+    exit status, as from the shell.
 
     By default the process is forked from a server that has imported MONAI and synth7t already (``cli_child``);
     ``fresh_interpreter=True`` starts a new interpreter instead, for the tests about the command line itself."""
-    command = bundle_command(bundle, run_id, configs, **overrides)
-    cwd, environment = str(cwd or Path("/")), dict(os.environ, PYTHONUNBUFFERED="1")
+    cwd, environment = str(cwd), dict(os.environ, PYTHONUNBUFFERED="1")
     if fresh_interpreter:
         return subprocess.run(
             command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S

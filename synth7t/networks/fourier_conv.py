@@ -26,7 +26,7 @@ class FourierConv2d(nn.Conv2d):
     Args:
         in_channels: input channels.
         out_channels: output channels.
-        kernel_size: odd side of the square kernel.
+        kernel_size: side of the square kernel.
         padding: zero padding on each side (``kernel_size // 2`` keeps the spatial size).
         bias: whether to add a learnable bias.
     """
