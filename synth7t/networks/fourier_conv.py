@@ -2,7 +2,7 @@
 
 WATNet's output layer is a 17x17 convolution from 64 feature maps to the three slab channels (spec watnet.md
 §11.1). On a CPU, oneDNN's direct convolution handles that shape poorly: measured on this project's 2-core machine,
-its forward and backward took 2.7 s of a 3.3 s training step for 16 patches of 48x48 (``torch.profiler``), and a
+its forward and backward took 2.6 s of a 3.6 s training step for 16 patches of 48x48 (``torch.profiler``), and a
 step of 32 patches of 64x64 fell from 14.8 s to 4.1 s with this module (``make bench``, training). Through the FFT
 the layer costs about 0.2 s of the smaller step: a handful of 2-D transforms and a per-frequency product over the 64
 input channels. PyTorch and MONAI have no FFT convolution, hence this module.
