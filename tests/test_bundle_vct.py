@@ -104,6 +104,7 @@ def test_training_writes_a_loadable_network(trained, tiny_diffusion_dataset):
     VCT(**TINY_NETWORK).load_state_dict(torch.load(trained / "model.pt", weights_only=True))
     checkpoint = torch.load(trained / "checkpoint_final.pt", weights_only=True)
     assert {"model", "optimizer", "trainer"} <= set(checkpoint)
+    assert {"counter", "best_score"} <= set(checkpoint["early_stopping"])  # resume continues its patience
     group = checkpoint["optimizer"]["param_groups"][0]
     assert (group["lr"], tuple(group["betas"]), group["eps"]) == (2e-4, (0.5, 0.999), 1e-6)  # AdamW as the paper
     assert list(trained.glob("events.out.tfevents.*"))
@@ -113,7 +114,7 @@ def test_early_stopping_watches_the_validation_loss(tiny_diffusion_dataset, tmp_
     parser = _parser(tiny_diffusion_dataset, output_dir=str(tmp_path), early_stop_patience=2)
     trainer, evaluator = parser.get_parsed_content("train#trainer"), parser.get_parsed_content("validate#evaluator")
     early_stopping = parser.get_parsed_content("train#early_stopping")
-    early_stopping.attach(evaluator)  # as `run` does
+    evaluator.add_event_handler(Events.EPOCH_COMPLETED, early_stopping)  # as `run` does
     assert evaluator.has_event_handler(early_stopping, Events.EPOCH_COMPLETED)
     for val_l1 in (0.10, 0.08, 0.09, 0.08):  # best 0.08, then two validations without a lower loss
         assert not trainer.should_terminate
