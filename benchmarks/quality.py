@@ -25,7 +25,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from benchmarks.measure import REPOSITORY
 
@@ -49,20 +49,19 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def prepared_data(folder: str, script: str, options: Sequence[str] = ()) -> Path:
+    """``data/<folder>``, written first by ``script`` (with ``options``) from the TELL7T volumes if it holds no
+    datalist (README "Preparing training data")."""
+    directory = REPOSITORY / "data" / folder
+    if not (directory / "datalist.json").is_file():
+        command = [sys.executable, script, "--input_dir", str(TELL7T), "--output_dir", str(directory), *options]
+        subprocess.run(command, cwd=REPOSITORY, check=True)
+    return directory
+
+
 def dataset(recipe: str) -> Path:
     """The prepared data of ``recipe`` under ``data/``, prepared first if missing."""
-    directory = REPOSITORY / "data" / f"tell7t_{recipe}"
-    if not (directory / "datalist.json").is_file():
-        command = [
-            sys.executable,
-            "scripts/prepare_data.py",
-            "--input_dir",
-            str(TELL7T),
-            "--output_dir",
-            str(directory),
-        ]
-        subprocess.run(command + RECIPES[recipe], cwd=REPOSITORY, check=True)
-    return directory
+    return prepared_data(f"tell7t_{recipe}", "scripts/prepare_data.py", RECIPES[recipe])
 
 
 def inputs_fingerprint() -> dict[str, str]:

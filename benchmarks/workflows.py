@@ -22,7 +22,7 @@ from typing import Any
 from monai.bundle import ConfigParser
 
 from benchmarks.measure import REPOSITORY, markdown_table
-from benchmarks.quality import TELL7T, dataset
+from benchmarks.quality import dataset, prepared_data
 
 SUBJECT = "sub-TELL0105"
 WORKFLOWS = {  # run id: the configs merged, in order
@@ -33,18 +33,10 @@ BUNDLES = ("watnet", "gan_unet_t1w7t", "vct_adc7t")
 TARGET_S = 60.0  # the issue's bound on one volume's inference or evaluation on the 2-core machine
 
 
-def diffusion_dataset() -> Path:
-    """``data/tell7t_diffusion``, prepared first if missing (README "Preparing training data")."""
-    directory = REPOSITORY / "data" / "tell7t_diffusion"
-    if not (directory / "datalist.json").is_file():
-        command = [sys.executable, "scripts/prepare_diffusion_data.py", "--input_dir", str(TELL7T)]
-        subprocess.run([*command, "--output_dir", str(directory)], cwd=REPOSITORY, check=True)
-    return directory
-
-
 def one_subject_datalist(bundle: str, work: Path) -> Path:
     """A datalist whose ``test`` list is :data:`SUBJECT` of the bundle's prepared data, paths made absolute."""
-    directory = diffusion_dataset() if bundle == "vct_adc7t" else dataset("realistic")
+    diffusion = ("tell7t_diffusion", "scripts/prepare_diffusion_data.py")
+    directory = prepared_data(*diffusion) if bundle == "vct_adc7t" else dataset("realistic")
     items = [i for split in json.loads((directory / "datalist.json").read_text()).values() for i in split]
     (item,) = [i for i in items if i.get("subject") == SUBJECT]
     absolute = {key: value if key == "subject" else str(directory / value) for key, value in item.items()}
