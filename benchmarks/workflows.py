@@ -35,8 +35,10 @@ TARGET_S = 60.0  # the issue's bound on one volume's inference or evaluation on 
 
 def one_subject_datalist(bundle: str, work: Path) -> Path:
     """A datalist whose ``test`` list is :data:`SUBJECT` of the bundle's prepared data, paths made absolute."""
-    diffusion = ("tell7t_diffusion", "scripts/prepare_diffusion_data.py")
-    directory = prepared_data(*diffusion) if bundle == "vct_adc7t" else dataset("realistic")
+    if bundle == "vct_adc7t":
+        directory = prepared_data("tell7t_diffusion", "scripts/prepare_diffusion_data.py")
+    else:
+        directory = dataset("realistic")
     items = [i for split in json.loads((directory / "datalist.json").read_text()).values() for i in split]
     (item,) = [i for i in items if i.get("subject") == SUBJECT]
     absolute = {key: value if key == "subject" else str(directory / value) for key, value in item.items()}
