@@ -3,6 +3,9 @@ validation and test items of every folder, each tagged with its recipe, paths re
 
     python scripts/merge_datalists.py --output data/tell7t_recipes.json \
         --folders data/tell7t_realistic,data/tell7t_seed001
+    # the validation subjects train too (a final model; only the test subjects stay held out)
+    python scripts/merge_datalists.py --output data/tell7t_recipes_train5.json \
+        --folders data/tell7t_realistic,data/tell7t_seed001 --train_on_validation True
 """
 
 import fire

@@ -248,7 +248,12 @@ def prepare_pairs(
     return datalist_path
 
 
-def merge_datalists(output: str | os.PathLike, folders: Sequence[str | os.PathLike], overwrite: bool = False) -> Path:
+def merge_datalists(
+    output: str | os.PathLike,
+    folders: Sequence[str | os.PathLike],
+    overwrite: bool = False,
+    train_on_validation: bool = False,
+) -> Path:
     """One datalist over several prepared folders (one per recipe), for training one model on all of them.
 
     Every split holds the items of every folder's list, each item gaining ``"recipe"`` (from the folder's
@@ -261,6 +266,10 @@ def merge_datalists(output: str | os.PathLike, folders: Sequence[str | os.PathLi
     Args:
         output: the merged datalist's path (e.g. ``data/tell7t_recipes.json``); not replaced unless ``overwrite``.
         folders: prepared folders (:func:`prepare_pairs`), each holding ``datalist.json``; a list or comma-separated.
+        overwrite: replace an existing ``output``.
+        train_on_validation: append the validation items to training as well (they stay in validation, which then
+            monitors a training subject instead of selecting on a held-out one): for a final model trained on every
+            subject but the test ones, whose figures are then on the test subjects only.
     """
     output = Path(output)
     folders = [Path(f) for f in (_as_subject_list(folders) if isinstance(folders, str) else folders)]
@@ -290,6 +299,8 @@ def merge_datalists(output: str | os.PathLike, folders: Sequence[str | os.PathLi
     merged = {}
     for split in ("training", "validation", "test"):
         merged[split] = [relocated(item, f) for f, content in zip(folders, lists) for item in content.get(split, [])]
+    if train_on_validation:
+        merged["training"] += merged["validation"]
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(merged, indent=2) + "\n")
     return output

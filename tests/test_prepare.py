@@ -418,5 +418,10 @@ def test_merge_datalists_spans_both_recipes(realistic, seed001, tmp_path):
         assert all(Path(item["label"]).is_file() for item in items)
     with pytest.raises(InputError, match="already exists"):
         merge_datalists(merged_path, [realistic, seed001])
+    # the validation subjects can train too (a final model with only the test subjects held out)
+    wider_path = merge_datalists(tmp_path / "merged" / "wider.json", [realistic, seed001], train_on_validation=True)
+    wider = json.loads(wider_path.read_text())
+    assert wider["training"] == merged["training"] + merged["validation"]
+    assert wider["validation"] == merged["validation"] and wider["test"] == merged["test"]
     with pytest.raises(InputError, match="datalist file not found"):
         merge_datalists(tmp_path / "other.json", [realistic, tmp_path / "missing"])
