@@ -6,9 +6,11 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
-from benchmarks import adc, inference, quality, training, workflows
+from benchmarks import adc, inference, quality, reference_cnn, training, workflows
 from benchmarks.measure import REPOSITORY, run_case_in_subprocess, time_call
 
 
@@ -167,3 +169,17 @@ def test_curves_export_joins_the_event_files_of_a_resumed_run(tmp_path, monkeypa
     monkeypatch.setattr(curves, "LOGS", tmp_path / "logs")
     exported = json.loads(curves.export("watnet", str(run_dir)).read_text())
     assert exported["scalars"]["train_loss"] == [[1, 1.0], [2, 1.0], [3, 2.0], [4, 2.0], [5, 2.0]]
+
+
+def test_reference_cnn_starts_as_the_identity_and_learns_a_denoising_on_tiny_data() -> None:
+    rng = np.random.default_rng(0)
+    clean = np.kron(rng.random((10, 10, 6)), np.ones((8, 8, 1))).astype(np.float32)  # 8 x 8 blocks: easy to denoise
+    mask = np.ones_like(clean)
+    noisy = (clean + rng.normal(0, 0.1, clean.shape)).astype(np.float32)
+    torch.manual_seed(0)
+    network = reference_cnn.residual_cnn(width=8, depth=3)
+    assert np.array_equal(reference_cnn.predict(network, noisy, mask), np.clip(noisy, 0, 1))
+    losses = reference_cnn.train(network, [{"image": noisy, "label": clean, "mask": mask}], iterations=60)
+    assert np.mean(losses[-10:]) < 0.9 * np.mean(losses[:10])
+    prediction = reference_cnn.predict(network.eval(), noisy, np.zeros_like(mask))
+    assert prediction.shape == clean.shape and not prediction.any()  # zero outside the mask
