@@ -28,14 +28,15 @@ from typing import Any
 import fire
 import numpy as np
 import torch
-from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd
+from monai.transforms import Compose
 from torch import nn
 
 from benchmarks import quality
+from benchmarks.inference import bundle_parser
 from synth7t.data import load_datalist
 from synth7t.metrics import volume_metrics
-from synth7t.transforms import NonzeroMaskd, PercentileScaleIntensityd
 
+BUNDLE = "gan_unet_t1w7t"  # whose reading and normalisation the figures share
 SLABS = 3  # neighbouring axial slices in
 PATCH = 64
 BATCH = 16
@@ -58,19 +59,11 @@ def residual_cnn(width: int = 48, depth: int = 10) -> nn.Sequential:
 
 
 def load_volumes(items: list[dict[str, Any]]) -> list[dict[str, np.ndarray]]:
-    """Each item's 3T ``image``, 7T ``label`` and ``mask`` as the gan bundle reads them: RAS, (X, Y, Z), scaled."""
-    keys = ["image", "label", "mask"]
-    read = Compose(
-        [
-            LoadImaged(keys, image_only=True),
-            EnsureChannelFirstd(keys),
-            Orientationd(keys, axcodes="RAS"),
-            NonzeroMaskd(source_key="image", mask_key="mask"),
-            PercentileScaleIntensityd(["image", "label"], mask_key="mask", lower=1.0, upper=99.0),
-        ]
-    )
-    volumes = [read(item) for item in items]
-    return [{key: np.asarray(volume[key][0], dtype=np.float32) for key in keys} for volume in volumes]
+    """Each item's 3T ``image``, 7T ``label`` and ``mask`` read by the gan bundle's own ``load_transforms`` (RAS,
+    brain mask, both images percentile-scaled), as ``(X, Y, Z)`` arrays."""
+    read = Compose(bundle_parser(BUNDLE, "train.yaml", "default", "cpu").get_parsed_content("load_transforms"))
+    keys = ("image", "label", "mask")
+    return [{key: np.asarray(volume[key][0], dtype=np.float32) for key in keys} for volume in map(read, items)]
 
 
 def _slabs(volume: np.ndarray, slices: np.ndarray) -> np.ndarray:
