@@ -149,8 +149,11 @@ def radimagenet_perceptual_loss(cache_dir: str | os.PathLike | None = None, allo
         ) from error
 
 
+_PIXEL_LOSSES = {"l1": nn.functional.l1_loss, "mse": nn.functional.mse_loss}
+
+
 class SynthesisLoss(nn.Module):
-    """The generator's supervised loss: ``L1 + perceptual_weight * perceptual + gdl_weight * GDL``.
+    """The generator's supervised loss: ``pixel + perceptual_weight * perceptual + gdl_weight * GDL``.
 
     The thesis U-Net minimises L1 + lambda_perc * RadImageNet perceptual loss (spec ganunet.md §4, lambda from
     appendix Table 2); seed 003 adds the gradient difference loss (Eq. 5). A term whose weight is 0 is not
@@ -162,6 +165,8 @@ class SynthesisLoss(nn.Module):
         perceptual_weight: lambda_perc.
         gradient_difference: a :class:`GradientDifferenceLoss`; required when ``gradient_difference_weight > 0``.
         gradient_difference_weight: lambda of the GDL.
+        pixel_loss: the voxel-wise term, ``"l1"`` (the thesis's mean absolute error) or ``"mse"`` (the mean squared
+            error, whose minimum is the best PSNR).
     """
 
     def __init__(
@@ -170,19 +175,23 @@ class SynthesisLoss(nn.Module):
         perceptual_weight: float = 0.0,
         gradient_difference: nn.Module | None = None,
         gradient_difference_weight: float = 0.0,
+        pixel_loss: str = "l1",
     ) -> None:
         super().__init__()
+        if pixel_loss not in _PIXEL_LOSSES:
+            raise ValueError(f"pixel_loss must be one of {sorted(_PIXEL_LOSSES)}, got {pixel_loss!r}.")
         if perceptual_weight and perceptual is None:
             raise ValueError("perceptual_weight > 0 needs a perceptual loss module.")
         if gradient_difference_weight and gradient_difference is None:
             raise ValueError("gradient_difference_weight > 0 needs a gradient difference loss module.")
+        self.pixel_loss = _PIXEL_LOSSES[pixel_loss]
         self.perceptual = perceptual if perceptual_weight else None
         self.gradient_difference = gradient_difference if gradient_difference_weight else None
         self.perceptual_weight = perceptual_weight
         self.gradient_difference_weight = gradient_difference_weight
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        loss = nn.functional.l1_loss(input, target)
+        loss = self.pixel_loss(input, target)
         if self.perceptual is not None:
             loss = loss + self.perceptual_weight * self.perceptual(input.float(), target.float()).mean()
         if self.gradient_difference is not None:

@@ -195,6 +195,17 @@ def test_synthesis_loss_adds_the_weighted_terms():
     assert with_gdl(pred, target).item() == pytest.approx(11 / 4 + 0.5 * 4.5)
 
 
+def test_synthesis_loss_pixel_term_is_l1_or_mse():
+    pred = torch.tensor([[[[1.0, 2.0], [3.0, 5.0]]]])
+    target = torch.zeros_like(pred)
+    assert SynthesisLoss(pixel_loss="mse")(pred, target).item() == pytest.approx(39 / 4)
+    gdl = GradientDifferenceLoss("valid")
+    with_gdl = SynthesisLoss(gradient_difference=gdl, gradient_difference_weight=0.5, pixel_loss="mse")
+    assert with_gdl(pred, target).item() == pytest.approx(39 / 4 + 0.5 * 4.5)
+    with pytest.raises(ValueError, match="pixel_loss must be one of"):
+        SynthesisLoss(pixel_loss="l2")
+
+
 def test_synthesis_loss_skips_zero_weighted_terms_and_needs_modules_for_the_others():
     assert SynthesisLoss(_MeanFeatureDistance(), perceptual_weight=0.0).perceptual is None
     with pytest.raises(ValueError, match="needs a perceptual loss module"):
