@@ -58,7 +58,7 @@ def widen_checkpoint(
     if difference > 1e-3:
         raise RuntimeError(f"the widened network differs from {checkpoint} by {difference:.3g}; nothing written.")
     torch.save(wide.state_dict(), output)
-    print(f"{checkpoint}: {channels} -> {2 * channels} channels, largest relative output difference {difference:.2g}; {output}")
+    print(f"{checkpoint}: {channels} -> {2 * channels} channels, relative output difference {difference:.2g}; {output}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def _duplicate(tensor: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _split_between_copies(tensor: torch.Tensor, dim: int, generator: torch.Generator) -> torch.Tensor:
-    """The weights reading a duplicated input along ``dim``: ``w (1/2 + d)`` on one copy, ``w (1/2 - d)`` on the other."""
+    """Weights reading a duplicated input along ``dim``: ``w (1/2 + d)`` on one copy, ``w (1/2 - d)`` on the other."""
     d = (torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype) - 0.5) / 2
     sign = torch.tensor([1.0, -1.0], dtype=tensor.dtype)
     shape = [1] * (tensor.ndim + 1)
