@@ -66,16 +66,21 @@ def load_volumes(items: list[dict[str, Any]]) -> list[dict[str, np.ndarray]]:
     return [{key: np.asarray(volume[key][0], dtype=np.float32) for key in keys} for volume in map(read, items)]
 
 
-def _slabs(volume: np.ndarray, slices: np.ndarray) -> np.ndarray:
-    """``(len(slices), SLABS, X, Y)``: each slice with its neighbours, the edge slices replicated."""
-    padded = np.pad(volume, ((0, 0), (0, 0), (SLABS // 2, SLABS // 2)), mode="edge")
-    return np.stack([padded[..., z : z + SLABS].transpose(2, 0, 1) for z in slices])
+def _edge_padded(volume: np.ndarray) -> np.ndarray:
+    """``volume`` with its first and last slices replicated, so that every slice has its neighbours."""
+    return np.pad(volume, ((0, 0), (0, 0), (SLABS // 2, SLABS // 2)), mode="edge")
+
+
+def _slab(padded: np.ndarray, z: int) -> np.ndarray:
+    """``(SLABS, X, Y)``: slice ``z`` of the unpadded volume with its neighbours, from :func:`_edge_padded`."""
+    return padded[..., z : z + SLABS].transpose(2, 0, 1)
 
 
 def train(network: nn.Module, volumes: list[dict[str, np.ndarray]], iterations: int, seed: int = 0) -> list[float]:
     """Adam (lr 1e-3, cosine to 0) on L1 of random brain patches; returns the loss of every iteration."""
     rng = np.random.default_rng(seed)
     brain_slices = [np.flatnonzero(v["mask"].any(axis=(0, 1))) for v in volumes]
+    padded_images = [_edge_padded(v["image"]) for v in volumes]
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * i / iterations)))
     losses = []
@@ -87,7 +92,7 @@ def train(network: nn.Module, volumes: list[dict[str, np.ndarray]], iterations: 
             z = rng.choice(brain_slices[which])
             x0, y0 = (rng.integers(0, size - PATCH + 1) for size in volume["image"].shape[:2])
             window = (slice(x0, x0 + PATCH), slice(y0, y0 + PATCH))
-            inputs.append(_slabs(volume["image"][window], np.array([z]))[0])
+            inputs.append(_slab(padded_images[which][window], z))
             targets.append(volume["label"][window][None, ..., z])
         x, y = torch.from_numpy(np.stack(inputs)), torch.from_numpy(np.stack(targets))
         loss = (x[:, SLABS // 2 : SLABS // 2 + 1] + network(x) - y).abs().mean()
@@ -102,7 +107,8 @@ def train(network: nn.Module, volumes: list[dict[str, np.ndarray]], iterations: 
 @torch.no_grad()
 def predict(network: nn.Module, image: np.ndarray, mask: np.ndarray, batch_size: int = 16) -> np.ndarray:
     """The whole volume, slice by slice; clipped to [0, 1] and zero outside the mask, as the bundle post-processes."""
-    slabs = torch.from_numpy(_slabs(image, np.arange(image.shape[2])))
+    padded = _edge_padded(image)
+    slabs = torch.from_numpy(np.stack([_slab(padded, z) for z in range(image.shape[2])]))
     residual = torch.cat([network(slabs[i : i + batch_size]) for i in range(0, len(slabs), batch_size)])
     prediction = image + residual[:, 0].numpy().transpose(1, 2, 0)
     return np.clip(prediction, 0.0, 1.0) * (mask > 0)
