@@ -35,6 +35,7 @@ from benchmarks import quality
 from benchmarks.inference import bundle_parser
 from synth7t.data import load_datalist
 from synth7t.metrics import volume_metrics
+from synth7t.networks import plain_cnn
 
 BUNDLE = "gan_unet_t1w7t"  # whose reading and normalisation the figures share
 SLABS = 3  # neighbouring axial slices in
@@ -43,19 +44,9 @@ BATCH = 16
 
 
 def residual_cnn(width: int = 48, depth: int = 10) -> nn.Sequential:
-    """``depth`` 3x3 convolutions with ReLU between them; the last starts at zero, so the net starts as the identity
-    once the middle input slice is added to its output."""
-    layers: list[nn.Module] = []
-    for index in range(depth - 1):
-        conv = nn.Conv2d(SLABS if index == 0 else width, width, 3, padding=1)
-        nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
-        nn.init.zeros_(conv.bias)
-        layers += [conv, nn.ReLU()]
-    output = nn.Conv2d(width, 1, 3, padding=1)
-    nn.init.zeros_(output.weight)
-    nn.init.zeros_(output.bias)
-    layers.append(output)
-    return nn.Sequential(*layers)
+    """``depth`` 3x3 convolutions with ReLU between them (:func:`synth7t.networks.plain_cnn`); the last starts at
+    zero, so the net starts as the identity once the middle input slice is added to its output."""
+    return plain_cnn(SLABS, 1, width, depth)
 
 
 def load_volumes(items: list[dict[str, Any]]) -> list[dict[str, np.ndarray]]:

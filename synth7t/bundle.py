@@ -7,7 +7,7 @@ import functools
 import inspect
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,8 +25,10 @@ __all__ = [
     "check_output_dir",
     "check_training_outputs",
     "encode_subject_context",
+    "freeze_except",
     "load_datalist",
     "load_vit_checkpoint",
+    "load_warm_start",
     "prediction_paths",
     "radimagenet_perceptual_loss",
     "require_file",
@@ -119,6 +121,38 @@ def require_file(path: str | os.PathLike, what: str) -> str:
     if not Path(path).is_file():
         raise BadInput(InputError(f"{path}: {what} not found."))
     return str(path)
+
+
+def load_warm_start(
+    network: torch.nn.Module, path: str | os.PathLike, device: str | torch.device, new_modules: Sequence[str] = ()
+) -> bool:
+    """Load the weights of a ``model.pt`` into ``network`` to fine-tune it. The submodules named in
+    ``new_modules`` (e.g. ``refiner``, which starts as the identity) may be absent from the file and keep their
+    initialisation; any other missing or unexpected weight stops with :class:`BadInput` naming the file."""
+    state = torch.load(require_file(path, "checkpoint to start from"), map_location=device, weights_only=True)
+    problem = "its weights do not fit this network; check the network options"
+    try:
+        missing, unexpected = network.load_state_dict(state, strict=False)
+    except RuntimeError:  # weights of other shapes
+        raise BadInput(InputError(f"{path}: {problem} (weights of other shapes).")) from None
+    missing = [key for key in missing if key.split(".")[0] not in new_modules]
+    if missing or unexpected:
+        raise BadInput(InputError(f"{path}: {problem} ({', '.join((missing + unexpected)[:3])}, ...)."))
+    return True
+
+
+def freeze_except(network: torch.nn.Module, module: str | None) -> Iterator[torch.nn.Parameter]:
+    """The parameters to train: all of ``network``'s when ``module`` is ``None``; else only those of its submodule
+    ``module`` (e.g. ``refiner``), the others frozen (``requires_grad`` off, so no gradient is computed for them).
+    A name that is not a submodule of ``network`` stops with :class:`BadInput`."""
+    if module is None:
+        return network.parameters()
+    trained = getattr(network, module, None)
+    if not isinstance(trained, torch.nn.Module):
+        raise BadInput(InputError(f"trainable: the network has no submodule {module!r} to train alone."))
+    network.requires_grad_(False)
+    trained.requires_grad_(True)
+    return trained.parameters()
 
 
 TRAINING_CHECKPOINT_KEYS = ("model", "optimizer", "trainer")

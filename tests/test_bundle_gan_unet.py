@@ -73,6 +73,24 @@ def trained_gan(tiny_dataset: Path, trained_unet: Path, tmp_path_factory: pytest
     return output
 
 
+def test_refiner_trains_alone_on_a_warm_started_unet(trained_unet, tiny_dataset, tmp_path):
+    """``--trainable refiner`` on a U-Net's model.pt: the U-Net's weights stay as loaded, the refiner learns."""
+    output = tmp_path / "refine"
+    checked(
+        run_bundle(
+            BUNDLE, "training", ["train.yaml"], dataset_dir=str(tiny_dataset), output_dir=str(output),
+            warm_start_from=str(trained_unet / "model.pt"), trainable="refiner", refine_depth=2, refine_channels=4,
+            **TINY_TRAINING, **TINY_NETWORK,
+        )
+    )  # fmt: skip
+    start = torch.load(trained_unet / "model.pt", weights_only=True)
+    refined = torch.load(output / "model.pt", weights_only=True)
+    assert {key.split(".")[0] for key in set(refined) - set(start)} == {"refiner"}
+    for key, value in start.items():  # the moving average of unchanged weights: equal up to its rounding
+        torch.testing.assert_close(refined[key], value, rtol=1e-6, atol=1e-7)
+    assert refined["refiner.layers.2.weight"].abs().sum() > 0  # the last conv started at zero
+
+
 @pytest.mark.parametrize(
     "configs, workflow_type",
     [

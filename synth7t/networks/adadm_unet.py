@@ -16,6 +16,8 @@ from monai.networks.blocks import Convolution
 from monai.networks.nets.diffusion_model_unet import SpatialTransformer, zero_module
 from torch import nn
 
+from synth7t.networks.residual_refiner import ResidualRefiner
+
 __all__ = ["AdaDM", "AdaDMResBlock", "AttentionResUNet"]
 
 
@@ -166,6 +168,9 @@ class AttentionResUNet(nn.Module):
             output, whose last conv then starts at zero: the network begins as the identity and learns the 3T-to-7T
             change, as WATNet does. Not in the thesis (default False); a short training run reaches much further
             from the identity than from a random output (the bundle's model card measures it).
+        refine_depth: convolutions of a :class:`synth7t.networks.ResidualRefiner` appended at full resolution, fed
+            the U-Net's output and the input slices, starting as the identity; 0 (default, the thesis) for none.
+        refine_channels: width of the refiner's convolutions.
     """
 
     def __init__(
@@ -180,6 +185,8 @@ class AttentionResUNet(nn.Module):
         context_dim: int | None = None,
         use_flash_attention: bool = False,
         global_residual: bool = False,
+        refine_depth: int = 0,
+        refine_channels: int = 48,
     ) -> None:
         super().__init__()
         widths = [channels * m for m in channel_mult]
@@ -239,6 +246,9 @@ class AttentionResUNet(nn.Module):
         if global_residual:
             for parameter in self.head[-1].parameters():
                 nn.init.zeros_(parameter)
+        self.refiner = (
+            ResidualRefiner(in_channels, out_channels, refine_channels, refine_depth) if refine_depth else None
+        )
 
     def _context_tokens(self, context: torch.Tensor | None) -> torch.Tensor | None:
         if self.context_dim is None:
@@ -269,6 +279,9 @@ class AttentionResUNet(nn.Module):
         h = self.bottleneck_out(h)
         for stage in self.decoder:
             h = stage(torch.cat([self.upsample(h), skips.pop()], dim=1), tokens)
-        if self.residual_start < 0:
-            return self.head(h)
-        return x[:, self.residual_start : self.residual_stop] + self.head(h)
+        output = self.head(h)
+        if self.residual_start >= 0:
+            output = x[:, self.residual_start : self.residual_stop] + output
+        if self.refiner is not None:
+            output = self.refiner(output, x)
+        return output
