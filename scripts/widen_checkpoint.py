@@ -45,11 +45,12 @@ def widen_checkpoint(
         norm_num_groups=norm_num_groups,
         global_residual=global_residual,
     )
+    wide_weights = widen_attention_res_unet(narrow_weights, seed)
     channels = narrow_weights["stem.conv.weight"].shape[0]
     narrow = AttentionResUNet(channels=channels, **arguments).eval()
     narrow.load_state_dict(narrow_weights)
     wide = AttentionResUNet(channels=2 * channels, **arguments).eval()
-    wide.load_state_dict(widen_attention_res_unet(narrow_weights, seed))
+    wide.load_state_dict(wide_weights)
     size = 2 ** len(channel_mult) * 4
     batch = torch.rand(2, in_channels, size, size, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():

@@ -51,11 +51,14 @@ def widen_attention_res_unet(state_dict: dict[str, torch.Tensor], seed: int = 0)
         seed: seeds the random split of each weight between the two copies of its input.
 
     Raises:
-        ValueError: the network has cross-attention (its context is not a feature map and would need other rules).
+        ValueError: the network has cross-attention (its context is not a feature map and would need other rules)
+            or a refiner (``refine_depth``; widen the U-Net before appending one).
     """
     generator = torch.Generator().manual_seed(seed)
     wide = {}
     for key, value in state_dict.items():
+        if key.startswith("refiner."):
+            raise ValueError(f"{key}: widening supports the U-Net alone (no refiner); widen before appending one.")
         if key.endswith(("to_k.weight", "to_v.weight")) and value.shape[0] != value.shape[1]:
             raise ValueError(f"{key}: widening supports unconditioned networks only (no cross-attention context).")
         if value.ndim == 0:  # AdaDM's scalars

@@ -71,6 +71,12 @@ def test_cross_attention_is_refused():
         widen_attention_res_unet(net.state_dict())
 
 
+def test_a_refiner_is_refused():
+    net = AttentionResUNet(**NARROW, refine_depth=2, refine_channels=4)
+    with pytest.raises(ValueError, match="U-Net alone"):
+        widen_attention_res_unet(net.state_dict())
+
+
 def test_script_writes_the_widened_checkpoint_and_keeps_an_existing_one(tmp_path, monkeypatch):
     narrow_path, wide_path = tmp_path / "narrow.pt", tmp_path / "wide.pt"
     torch.save(_random_narrow().state_dict(), narrow_path)
