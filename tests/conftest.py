@@ -127,7 +127,10 @@ def tiny_hub_cache(root: Path) -> Path:
 # Each bundle's default network at toy size (WATNet's own size is small enough).
 TINY_NETWORKS = {
     "watnet": {},
-    "gan_unet_t1w7t": {"channels": 8, "channel_mult": [1, 2], "norm_num_groups": 4, "num_res_blocks": 1},
+    "gan_unet_t1w7t": {
+        "channels": 8, "channel_mult": [1, 2], "norm_num_groups": 4, "num_res_blocks": 1, "refine_depth": 2,
+        "refine_channels": 4,
+    },
     "vct_adc7t": {"channels": 4, "hidden_size": 16, "num_layers": 1, "num_heads": 2, "mlp_dim": 32},
 }
 # Overrides that make each bundle's training run in seconds on its tiny dataset: one epoch of two iterations on the

@@ -74,7 +74,7 @@ SHARED_KNOBS = {
     "gan_unet_t1w7t": (
         "lower_percentile", "upper_percentile", "slab_size", "slice_axis", "divisible_by", "context_fields",
         "condition_on_slice_position", "context_dim", "channels", "channel_mult", "num_res_blocks", "norm_num_groups",
-        "cross_attention_stages", "global_residual",
+        "cross_attention_stages", "global_residual", "refine_depth", "refine_channels",
     ),
     "vct_adc7t": (
         "input_keys", "adc_method", "t1w_interpolation", "adc_interpolation", "upper_percentile", "divisible_by",

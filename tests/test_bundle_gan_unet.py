@@ -74,16 +74,21 @@ def trained_gan(tiny_dataset: Path, trained_unet: Path, tmp_path_factory: pytest
 
 
 def test_refiner_trains_alone_on_a_warm_started_unet(trained_unet, tiny_dataset, tmp_path):
-    """``--trainable refiner`` on a U-Net's model.pt: the U-Net's weights stay as loaded, the refiner learns."""
+    """``--trainable refiner`` on the weights of a U-Net without one (the trained U-Net's, its refiner dropped): the
+    U-Net's weights stay as loaded, the refiner learns from its start, the identity."""
+    start = {
+        key: value
+        for key, value in torch.load(trained_unet / "model.pt", weights_only=True).items()
+        if not key.startswith("refiner.")
+    }
+    torch.save(start, tmp_path / "unet.pt")
     output = tmp_path / "refine"
     checked(
         run_bundle(
             BUNDLE, "training", ["train.yaml"], dataset_dir=str(tiny_dataset), output_dir=str(output),
-            warm_start_from=str(trained_unet / "model.pt"), trainable="refiner", refine_depth=2, refine_channels=4,
-            **TINY_TRAINING, **TINY_NETWORK,
+            warm_start_from=str(tmp_path / "unet.pt"), trainable="refiner", **TINY_TRAINING, **TINY_NETWORK,
         )
     )  # fmt: skip
-    start = torch.load(trained_unet / "model.pt", weights_only=True)
     refined = torch.load(output / "model.pt", weights_only=True)
     assert {key.split(".")[0] for key in set(refined) - set(start)} == {"refiner"}
     for key, value in start.items():  # the moving average of unchanged weights: equal up to its rounding
@@ -259,7 +264,7 @@ def test_thesis_gan_overlay():
 
 def test_default_is_the_compact_unconditioned_generator_with_a_global_residual():
     parser, network, critic = _network(["train.yaml"])
-    assert _count(network) == 680_565 and network.context_dim is None and critic is None
+    assert _count(network) == 680_565 + 168_481 and network.context_dim is None and critic is None  # U-Net + refiner
     assert parser.get_parsed_content("divisible_by") == 16
     assert network.residual_start == 1 and parser["randomize_degradation"]  # the middle of 3 slices, as shipped
     assert (parser["fixed_pair_prob"], parser["ema_momentum"]) == (0.75, 0.02)
@@ -267,7 +272,8 @@ def test_default_is_the_compact_unconditioned_generator_with_a_global_residual()
     assert without_residual.residual_start == -1
     inference = ConfigParser()
     inference.read_config(str(CONFIGS / "inference.yaml"))
-    assert inference.get_parsed_content("network_def").residual_start == 1  # the network the shipped weights are
+    shipped = inference.get_parsed_content("network_def")  # the network the shipped weights are
+    assert shipped.residual_start == 1 and shipped.refiner is not None
 
 
 def test_evaluation_writes_per_subject_metrics_with_identity_and_gaussian_baselines(
