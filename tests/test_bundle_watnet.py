@@ -294,6 +294,21 @@ def test_bad_training_pair_is_reported_from_the_command_line_without_a_traceback
     assert not output.exists()
 
 
+def test_warm_start_from_another_network_is_reported_without_a_traceback(tiny_dataset, tmp_path):
+    """``--warm_start_from`` a model.pt of another network (here BasicCNN's): one line naming the file, no output."""
+    torch.save(BasicCNN().state_dict(), tmp_path / "basic.pt")
+    output = tmp_path / "train"
+    result = run_bundle(
+        "watnet", "training", ["train.yaml"], fresh_interpreter=True, dataset_dir=str(tiny_dataset),
+        output_dir=str(output), warm_start_from=str(tmp_path / "basic.pt"), **TINY_TRAINING,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "basic.pt: its weights do not fit this network" in last
+    assert not output.exists()
+
+
 def test_missing_checkpoint_is_reported_before_loading_data(tiny_dataset, tmp_path):
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"test": [{"image": str(tiny_dataset / "sub-4_3T.nii.gz")}]}))
