@@ -126,7 +126,7 @@ def tiny_hub_cache(root: Path) -> Path:
 
 # Each bundle's default network at toy size (WATNet's own size is small enough).
 TINY_NETWORKS = {
-    "watnet": {},
+    "watnet": {"refine_depth": 2, "refine_channels": 4},
     "gan_unet_t1w7t": {
         "channels": 8, "channel_mult": [1, 2], "norm_num_groups": 4, "num_res_blocks": 1, "refine_depth": 2,
         "refine_channels": 4,

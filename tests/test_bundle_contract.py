@@ -69,7 +69,7 @@ def _tiny_dataset(bundle: str, request: pytest.FixtureRequest) -> Path:
 SHARED_KNOBS = {
     "watnet": (
         "scale_intensities", "lower_percentile", "upper_percentile", "slab_size", "slab_stride", "divisible_by",
-        "variant",
+        "variant", "refine_depth", "refine_channels",
     ),
     "gan_unet_t1w7t": (
         "lower_percentile", "upper_percentile", "slab_size", "slice_axis", "divisible_by", "context_fields",

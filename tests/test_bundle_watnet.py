@@ -111,7 +111,7 @@ def test_training_writes_loadable_checkpoints_and_logs(trained):
     # a checkpoint every epoch (the last kept), the final one, the best validation PSNR's weights
     assert {"model.pt", "checkpoint_epoch=1.pt", "checkpoint_final.pt"} <= {p.name for p in trained.iterdir()}
     assert list(trained.glob("events.out.tfevents.*")), "no TensorBoard log"
-    network = WATNet()
+    network = WATNet(refine_depth=10)  # the default: the paper's network and the refiner
     best = torch.load(trained / "model.pt", map_location="cpu", weights_only=True)
     network.load_state_dict(best)
     final = torch.load(trained / "checkpoint_final.pt", map_location="cpu", weights_only=False)
@@ -213,8 +213,34 @@ def test_shipped_model_is_the_default_network():
     network = parser.get_parsed_content("network_def")
     state = torch.load(BUNDLE / "models" / "model.pt", map_location="cpu", weights_only=True)
     network.load_state_dict(state)  # strict: every key and shape matches
-    assert isinstance(network, WATNet) and network.variant == "original"
-    assert sum(p.numel() for p in network.parameters()) == 1_467_971
+    assert isinstance(network, WATNet) and network.variant == "original" and network.refiner is not None
+    assert sum(p.numel() for p in network.parameters()) == 1_467_971 + 170_211  # the paper's WATNet + the refiner
+
+
+def test_refiner_trains_alone_on_a_warm_started_watnet(trained, tiny_dataset, tmp_path):
+    """``--trainable refiner`` on the weights of a WATNet without one (the trained network's, its refiner dropped):
+    the WATNet's weights stay as loaded, the refiner learns from its start, the identity, at the full learning rate."""
+    start = {
+        key: value
+        for key, value in torch.load(trained / "model.pt", weights_only=True).items()
+        if not key.startswith("refiner.")
+    }
+    torch.save(start, tmp_path / "watnet.pt")
+    output = tmp_path / "refine"
+    checked(
+        run_bundle(
+            "watnet", "training", ["train.yaml"], dataset_dir=str(tiny_dataset), output_dir=str(output),
+            warm_start_from=str(tmp_path / "watnet.pt"), trainable="refiner", randomize_degradation=False,
+            **TINY_TRAINING,
+        )
+    )  # fmt: skip
+    refined = torch.load(output / "model.pt", weights_only=True)
+    assert {key.split(".")[0] for key in set(refined) - set(start)} == {"refiner"}
+    for key, value in start.items():  # the moving average of unchanged weights: equal up to its rounding
+        torch.testing.assert_close(refined[key], value, rtol=1e-6, atol=1e-7)
+    assert refined["refiner.layers.18.weight"].abs().sum() > 0  # the last conv started at zero
+    groups = torch.load(output / "checkpoint_final.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert len(groups) == 1 and len(groups[0]["params"]) == 20  # the refiner's ten convolutions alone
 
 
 # The seed keeps axial slices 30-151 of the 182-slice volumes; the tiny volumes have 12, so keep 2-9 instead.

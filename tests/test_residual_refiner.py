@@ -1,4 +1,5 @@
-"""The full-resolution residual CNN appended to the U-Net, and the bundle helpers that fine-tune it alone."""
+"""The full-resolution residual CNN appended to the U-Net and to WATNet, and the bundle helpers that fine-tune it
+alone."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from synth7t.bundle import BadInput, freeze_except, load_warm_start
-from synth7t.networks import AttentionResUNet, ResidualRefiner, plain_cnn
+from synth7t.networks import AttentionResUNet, ResidualRefiner, WATNet, plain_cnn
 
 TINY = dict(channels=8, channel_mult=(1, 2), num_res_blocks=1, norm_num_groups=4, global_residual=True)
 
@@ -44,6 +45,31 @@ def test_unet_with_a_refiner_starts_as_the_same_unet_and_scripts():
         refined.refiner.layers[-1].weight.normal_(0, 0.1)
     assert not torch.allclose(refined(x), plain(x))
     torch.testing.assert_close(torch.jit.script(refined)(x), refined(x))
+
+
+def test_watnet_with_a_refiner_starts_as_the_same_watnet_and_scripts():
+    torch.manual_seed(0)
+    plain = WATNet().eval()  # the released initialisation: its output is not the identity
+    refined = WATNet(refine_depth=3, refine_channels=6).eval()
+    missing, unexpected = refined.load_state_dict(plain.state_dict(), strict=False)
+    assert unexpected == [] and {key.split(".")[0] for key in missing} == {"refiner"}
+    assert refined.refiner.layers[0].in_channels == 6  # the predicted slab, then the input slab
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(refined(x), plain(x))
+        refined.refiner.layers[-1].weight.normal_(0, 0.1)
+        assert not torch.allclose(refined(x), plain(x))
+        torch.testing.assert_close(torch.jit.script(refined)(x), refined(x))
+
+
+def test_watnet_parameter_groups_train_the_refiner_at_the_full_rate_and_alone_when_asked():
+    network = WATNet(refine_depth=2, refine_channels=4)
+    fast, slow = network.parameter_groups(1e-3)
+    refiner = {id(p) for p in network.refiner.parameters()}
+    assert refiner <= {id(p) for p in fast["params"]} and not refiner & {id(p) for p in slow["params"]}
+    assert slow["lr"] == pytest.approx(1e-4)  # the WATNet's biases and output conv, as the released solver
+    (only,) = network.parameter_groups(1e-3, freeze_except(network, "refiner"))
+    assert {id(p) for p in only["params"]} == refiner and only["lr"] == 1e-3
 
 
 def test_warm_start_fills_the_unet_and_refuses_weights_of_another_network(tmp_path):

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from synth7t.networks.fourier_conv import FourierConv2d
 from synth7t.networks.haar import HaarDWT2d
+from synth7t.networks.residual_refiner import ResidualRefiner
 
 __all__ = ["DistillationBlock", "WaveletAffineTransform", "WATNet"]
 
@@ -149,6 +150,11 @@ class WATNet(nn.Module):
             residual) instead of adding a large random residual to the input. Not in either source (default False:
             Caffe "msra" / Keras HeNormal as they ran); with it a short training run does not spend its first
             iterations unlearning the random residual (the bundle's model card measures it).
+        refine_depth: convolutions of a :class:`synth7t.networks.ResidualRefiner` appended at full resolution, fed
+            the predicted slab beside the input slab (0: none, the paper's network). Not in either source: every
+            WATNet feature passes the 1/8-resolution bottleneck, which cannot carry voxel-wise noise, and the refiner
+            can remove it (the bundle's model card measures it). It starts as the identity.
+        refine_channels: width of the refiner's convolutions.
 
     Input ``(B, in_channels, H, W)`` with H and W divisible by 8 (three stride-2 levels); output the same shape,
     the input plus the predicted residual. The output is not clipped, as in both sources.
@@ -158,7 +164,13 @@ class WATNet(nn.Module):
     levels = 3
 
     def __init__(
-        self, in_channels: int = 3, variant: str = "original", features: int = 64, zero_init_output: bool = False
+        self,
+        in_channels: int = 3,
+        variant: str = "original",
+        features: int = 64,
+        zero_init_output: bool = False,
+        refine_depth: int = 0,
+        refine_channels: int = 48,
     ) -> None:
         super().__init__()
         if variant not in _VARIANTS:
@@ -223,6 +235,10 @@ class WATNet(nn.Module):
             output_conv = self.output[-1] if config.output_head == "linear17" else self.output[-2]
             nn.init.zeros_(output_conv.weight)
             nn.init.zeros_(output_conv.bias)
+        # after the initialisation above, which would overwrite the refiner's own (its last conv starts at zero)
+        self.refiner = (
+            ResidualRefiner(in_channels, in_channels, refine_channels, refine_depth) if refine_depth else None
+        )
 
     @staticmethod
     def _upsampler(kind: str, channels: int) -> nn.ConvTranspose2d:
@@ -247,20 +263,29 @@ class WATNet(nn.Module):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def parameter_groups(self, learning_rate: float) -> list[dict]:
+    def parameter_groups(
+        self, learning_rate: float, parameters: Iterable[nn.Parameter] | None = None
+    ) -> list[dict]:
         """Optimizer groups with the original solver's learning-rate multipliers (spec watnet.md §11.1).
 
         The released Caffe prototxt trains biases and the output conv at ``lr_mult`` 0.1; for
-        ``variant="original"`` those parameters form a second group at ``0.1 * learning_rate``. The seed
-        variant trains every parameter at ``learning_rate``.
+        ``variant="original"`` those parameters of the WATNet form a second group at ``0.1 * learning_rate``. The
+        seed variant trains every parameter at ``learning_rate``, and so does every variant its refiner (not in the
+        sources). ``parameters`` limits the groups to those (e.g. ``synth7t.bundle.freeze_except``'s, to train the
+        refiner alone); by default all of the network's.
         """
+        trained = list(self.parameters() if parameters is None else parameters)
         if self.variant != "original":
-            return [{"params": list(self.parameters()), "lr": learning_rate}]
+            return [{"params": trained, "lr": learning_rate}]
         slow_ids = {id(p) for p in self.output.parameters()}
-        slow_ids |= {id(p) for name, p in self.named_parameters() if name.endswith("bias")}
-        slow = [p for p in self.parameters() if id(p) in slow_ids]
-        fast = [p for p in self.parameters() if id(p) not in slow_ids]
-        return [{"params": fast, "lr": learning_rate}, {"params": slow, "lr": 0.1 * learning_rate}]
+        slow_ids |= {
+            id(p) for name, p in self.named_parameters() if name.endswith("bias") and not name.startswith("refiner.")
+        }
+        groups = [
+            {"params": [p for p in trained if id(p) not in slow_ids], "lr": learning_rate},
+            {"params": [p for p in trained if id(p) in slow_ids], "lr": 0.1 * learning_rate},
+        ]
+        return [group for group in groups if group["params"]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2] % 8 or x.shape[-1] % 8:
@@ -288,4 +313,7 @@ class WATNet(nn.Module):
             for index, upsample in enumerate(self.upsamplers):
                 if index == level - 1:
                     h = upsample(h)
-        return x + self.output(h)
+        prediction = x + self.output(h)
+        if self.refiner is not None:
+            prediction = self.refiner(prediction, x)
+        return prediction
