@@ -218,6 +218,35 @@ def run_command(command: list[str], cwd: Path | str, fresh_interpreter: bool = F
         )
 
 
+def train_refiner_alone(
+    bundle: str, trained_model: Path, output: Path, **overrides
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``--trainable refiner`` on the weights of ``trained_model`` with its refiner dropped (a network trained
+    without one): trains ``bundle``'s ``train.yaml`` into ``output`` and checks that only the refiner's weights are
+    new, that the others stay as loaded and that the refiner learned from its start, the identity (its last conv,
+    started at zero, is not). Returns the weights started from and the refined ``model.pt``."""
+    start = {
+        key: value
+        for key, value in torch.load(trained_model, weights_only=True).items()
+        if not key.startswith("refiner.")
+    }
+    torch.save(start, output.parent / f"{output.name}_start.pt")
+    checked(
+        run_bundle(
+            bundle, "training", ["train.yaml"], output_dir=str(output),
+            warm_start_from=str(output.parent / f"{output.name}_start.pt"), trainable="refiner", **overrides,
+        )
+    )  # fmt: skip
+    refined = torch.load(output / "model.pt", weights_only=True)
+    assert {key.split(".")[0] for key in set(refined) - set(start)} == {"refiner"}
+    for key, value in start.items():  # the moving average of unchanged weights: equal up to its rounding
+        torch.testing.assert_close(refined[key], value, rtol=1e-6, atol=1e-7)
+    last = max((key for key in refined if key.startswith("refiner.") and key.endswith(".weight")),
+               key=lambda key: int(key.split(".")[2]))  # fmt: skip
+    assert refined[last].abs().sum() > 0  # the last conv started at zero
+    return start, refined
+
+
 def absolute_item(item: dict, dataset: Path) -> dict:
     """A datalist item of ``dataset`` with its file paths made absolute (``subject`` is a name, not a file)."""
     return {key: value if key == "subject" else str(dataset / value) for key, value in item.items()}
