@@ -10,7 +10,8 @@ Backends: ``eager`` (the ``network_def`` of ``inference.yaml`` with ``models/mod
 (``models/model.ts``), ``onnxruntime`` (``models/model.onnx`` through ``synth7t.engines.OnnxRuntimeNetwork``). The
 paper-scale configurations (``gan_unet_t1w7t`` with ``bf_unet.yaml``, ``vct_adc7t`` with ``paper.yaml``) have no
 shipped weights: they run eager with their random initialisation, which costs the same. ``watnet``'s default is the
-paper's architecture followed by its full-resolution refiner. On CUDA, eager also runs under float16 autocast (``amp``) and, for VCT, ``torch.compile``.
+paper's architecture followed by its full-resolution refiner. On CUDA, eager also runs under float16 autocast
+(``amp``) and, for VCT, ``torch.compile``.
 
 On the CPU a whole WATNet volume takes minutes (its convolutions run at full resolution), so there the timed unit is
 a block of ``slices`` axial positions of the same volume (by default one inferer batch, 16; 4 for the paper-scale

@@ -218,13 +218,11 @@ def run_command(command: list[str], cwd: Path | str, fresh_interpreter: bool = F
         )
 
 
-def train_refiner_alone(
-    bundle: str, trained_model: Path, output: Path, **overrides
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def train_refiner_alone(bundle: str, trained_model: Path, output: Path, **overrides) -> None:
     """``--trainable refiner`` on the weights of ``trained_model`` with its refiner dropped (a network trained
     without one): trains ``bundle``'s ``train.yaml`` into ``output`` and checks that only the refiner's weights are
     new, that the others stay as loaded and that the refiner learned from its start, the identity (its last conv,
-    started at zero, is not). Returns the weights started from and the refined ``model.pt``."""
+    started at zero, is not)."""
     start = {
         key: value
         for key, value in torch.load(trained_model, weights_only=True).items()
@@ -244,7 +242,6 @@ def train_refiner_alone(
     last = max((key for key in refined if key.startswith("refiner.") and key.endswith(".weight")),
                key=lambda key: int(key.split(".")[2]))  # fmt: skip
     assert refined[last].abs().sum() > 0  # the last conv started at zero
-    return start, refined
 
 
 def absolute_item(item: dict, dataset: Path) -> dict:

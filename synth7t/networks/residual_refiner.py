@@ -6,8 +6,8 @@ https://arxiv.org/abs/1608.03981) that, trained briefly on the seed-001 degradat
 attention U-Net, whose full-resolution stage has 16 channels. Appended to the U-Net and fed the U-Net's prediction
 beside the input slices, the same CNN trained on those pairs with the U-Net frozen raised both degradation recipes
 (the ``gan_unet_t1w7t`` model card measures it); appended to WATNet, whose every feature passes a 1/8-resolution
-bottleneck, it learned the denoising the paper's network cannot (the ``watnet`` model card). MONAI's ``SegResNet``/``BasicUNet`` blocks are encoder-decoder
-pieces; this plain stack is written here.
+bottleneck, it learned the denoising the paper's network cannot (the ``watnet`` model card). MONAI's
+``SegResNet``/``BasicUNet`` blocks are encoder-decoder pieces; this plain stack is written here.
 """
 
 from __future__ import annotations
