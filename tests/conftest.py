@@ -228,11 +228,12 @@ def train_refiner_alone(bundle: str, trained_model: Path, output: Path, **overri
         for key, value in torch.load(trained_model, weights_only=True).items()
         if not key.startswith("refiner.")
     }
-    torch.save(start, output.parent / f"{output.name}_start.pt")
+    start_path = output.parent / f"{output.name}_start.pt"
+    torch.save(start, start_path)
     checked(
         run_bundle(
-            bundle, "training", ["train.yaml"], output_dir=str(output),
-            warm_start_from=str(output.parent / f"{output.name}_start.pt"), trainable="refiner", **overrides,
+            bundle, "training", ["train.yaml"], output_dir=str(output), warm_start_from=str(start_path),
+            trainable="refiner", **overrides,
         )
     )  # fmt: skip
     refined = torch.load(output / "model.pt", weights_only=True)
