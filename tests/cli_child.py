@@ -1,11 +1,14 @@
 """The body of one ``python -m monai.bundle ...`` command that ``conftest.run_bundle`` runs in a process forked
 from a server which imported torch, MONAI and synth7t once (``multiprocessing``'s forkserver), so a test pays the
 command's work and not the ~10 s of interpreter start-up and imports each time. The command itself runs as from
-the shell: its own process, working directory, environment and ``sys.argv``, ``monai.bundle``'s ``__main__`` (fire
+the shell: its own process, working directory, environment and ``sys.argv``, no multiprocessing start method chosen
+(the platform's default, as in a new interpreter, not the server's forkserver, under which MONAI's ``Invertd``
+refuses the transforms that DataLoader workers applied), ``monai.bundle``'s ``__main__`` (fire
 parses the arguments), stdout and stderr at the file-descriptor level, and the interpreter's exit semantics (status 0;
 ``SystemExit``'s code, or its message on stderr and status 1; an uncaught exception's traceback and status 1).
 """
 
+import multiprocessing
 import os
 import runpy
 import sys
@@ -15,6 +18,7 @@ import traceback
 def run_command(arguments: list, cwd: str, environment: dict, stdout_path: str, stderr_path: str) -> None:
     """Run ``python -m monai.bundle <arguments>`` in this (forked) process, then leave it with the command's
     exit status, without returning."""
+    multiprocessing.set_start_method(None, force=True)
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(environment)
