@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
+import multiprocessing
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +35,7 @@ __all__ = [
     "require_file",
     "require_training_checkpoint",
     "stop_on_bad_input",
+    "worker_start_method",
 ]
 
 T = TypeVar("T")
@@ -202,3 +204,18 @@ def check_device(device: str | torch.device) -> torch.device:
     elif device.type not in ("cpu", "mps") or (device.type == "mps" and not torch.backends.mps.is_available()):
         raise BadInput(InputError(f"device {device} is not available here; pass --device cpu or --device cuda."))
     return device
+
+
+def worker_start_method(num_workers: int) -> str | None:
+    """The ``multiprocessing_context`` of a bundle's DataLoaders: ``"fork"`` where the platform has it and it is
+    safe (not macOS), else ``None`` (the platform's default, ``spawn`` on macOS and Windows); always ``None`` without
+    workers, where torch refuses a context.
+
+    ``Invertd`` (MONAI) inverts the transforms that DataLoader workers applied only if it finds their recorded
+    ``id`` on its own transform objects, which forked workers keep, or if the start method is ``spawn``. Python 3.14
+    made ``forkserver`` the Linux default, under which neither holds and every bundle's inference and evaluation
+    with workers would stop. MONAI has no option for it, so the loaders ask for fork, the Linux default before 3.14.
+    """
+    if num_workers == 0 or sys.platform == "darwin" or "fork" not in multiprocessing.get_all_start_methods():
+        return None
+    return "fork"

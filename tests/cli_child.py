@@ -15,10 +15,13 @@ import sys
 import traceback
 
 
-def run_command(arguments: list, cwd: str, environment: dict, stdout_path: str, stderr_path: str) -> None:
+def run_command(
+    arguments: list, cwd: str, environment: dict, stdout_path: str, stderr_path: str, start_method: str | None = None
+) -> None:
     """Run ``python -m monai.bundle <arguments>`` in this (forked) process, then leave it with the command's
-    exit status, without returning."""
-    multiprocessing.set_start_method(None, force=True)
+    exit status, without returning. ``start_method``: the multiprocessing start method the command finds chosen
+    (``None``: the platform's default, as from the shell)."""
+    multiprocessing.set_start_method(start_method, force=True)
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(environment)

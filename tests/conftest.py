@@ -174,32 +174,49 @@ COMMAND_TIMEOUT_S = 900
 
 
 def start_bundle_command(
-    command: list[str], cwd: str, environment: dict, stdout: str = os.devnull, stderr: str = os.devnull
+    command: list[str],
+    cwd: str,
+    environment: dict,
+    stdout: str = os.devnull,
+    stderr: str = os.devnull,
+    start_method: str | None = None,
 ) -> multiprocessing.process.BaseProcess:
     """Start ``command`` (a :func:`bundle_command`) in a process forked from the import server, its output to the
-    files ``stdout`` and ``stderr``; returns the started process (``join``, ``kill``, ``exitcode``)."""
+    files ``stdout`` and ``stderr``, with ``start_method`` chosen for its own multiprocessing (``None``: the
+    platform's default); returns the started process (``join``, ``kill``, ``exitcode``)."""
     import cli_child
 
-    process = FORKSERVER.Process(target=cli_child.run_command, args=(command[3:], cwd, environment, stdout, stderr))
+    arguments = (command[3:], cwd, environment, stdout, stderr, start_method)
+    process = FORKSERVER.Process(target=cli_child.run_command, args=arguments)
     process.start()
     return process
 
 
 def run_bundle(
-    bundle: str, run_id: str, configs: list[str], cwd: Path | None = None, fresh_interpreter: bool = False, **overrides
+    bundle: str,
+    run_id: str,
+    configs: list[str],
+    cwd: Path | None = None,
+    fresh_interpreter: bool = False,
+    start_method: str | None = None,
+    **overrides,
 ) -> subprocess.CompletedProcess:
     """Run a bundle workflow as a user would, ``python -m monai.bundle run ...`` from ``cwd`` (default: a directory
     outside the repository): :func:`run_command` of its :func:`bundle_command`."""
     command = bundle_command(bundle, run_id, configs, **overrides)
-    return run_command(command, cwd or Path("/"), fresh_interpreter)
+    return run_command(command, cwd or Path("/"), fresh_interpreter, start_method)
 
 
-def run_command(command: list[str], cwd: Path | str, fresh_interpreter: bool = False) -> subprocess.CompletedProcess:
+def run_command(
+    command: list[str], cwd: Path | str, fresh_interpreter: bool = False, start_method: str | None = None
+) -> subprocess.CompletedProcess:
     """Run ``command`` (a :func:`bundle_command`) from ``cwd`` in its own process with its own stdout, stderr and
     exit status, as from the shell.
 
-    By default the process is forked from a server that has imported MONAI and synth7t already (``cli_child``);
+    By default the process is forked from a server that has imported MONAI and synth7t already (``cli_child``),
+    and the command finds ``start_method`` chosen for its multiprocessing (``None``: the platform's default);
     ``fresh_interpreter=True`` starts a new interpreter instead, for the tests about the command line itself."""
+    assert not (fresh_interpreter and start_method), "a new interpreter starts with the platform's default"
     cwd, environment = str(cwd), dict(os.environ, PYTHONUNBUFFERED="1")
     if fresh_interpreter:
         return subprocess.run(
@@ -207,7 +224,7 @@ def run_command(command: list[str], cwd: Path | str, fresh_interpreter: bool = F
         )
     with tempfile.TemporaryDirectory() as folder:
         stdout, stderr = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
-        process = start_bundle_command(command, cwd, environment, stdout, stderr)
+        process = start_bundle_command(command, cwd, environment, stdout, stderr, start_method)
         process.join(COMMAND_TIMEOUT_S)
         if process.is_alive():
             process.kill()

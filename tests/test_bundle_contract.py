@@ -14,7 +14,9 @@ import torch
 from monai.bundle import ConfigParser
 from monai.bundle import run as run_in_process
 
-from conftest import REPOSITORY, TINY_NETWORKS, TINY_TRAININGS, absolute_item, run_bundle
+from conftest import (
+    REPOSITORY, TINY_NETWORKS, TINY_TRAININGS, absolute_item, checked, run_bundle, write_datalist_of_test_items,
+)
 
 BUNDLES = sorted(path.name for path in (REPOSITORY / "bundles").iterdir() if (path / "configs").is_dir())
 T1W_BUNDLES = ["watnet", "gan_unet_t1w7t"]  # datalist items: image (3T T1w), optional mask, label (7T T1w)
@@ -167,6 +169,21 @@ def test_inference_with_the_shipped_weights_from_another_directory(bundle, reque
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "predictions" / written).is_file()
+
+
+@pytest.mark.parametrize(
+    ("bundle", "workflow"), [(bundle, "inference") for bundle in BUNDLES] + [(bundle, "evaluation") for bundle in T1W_BUNDLES]
+)
+def test_dataloader_workers_under_the_forkserver_start_method(bundle, workflow, request, tmp_path):
+    """Python 3.14 starts worker processes with forkserver on Linux by default: ``Invertd`` must still invert what
+    the DataLoader's workers applied, as under the fork of earlier versions (the configs' ``worker_start_method``)."""
+    dataset = _tiny_dataset(bundle, request)
+    configs, run_id = (["inference.yaml"], "inferring") if workflow == "inference" else (["train.yaml", "evaluate.yaml"], "evaluating")
+    overrides = {"dataset_dir": str(dataset), "output_dir": str(tmp_path / "out"), "num_workers": 2}
+    if workflow == "evaluation":
+        overrides["datalist"] = str(write_datalist_of_test_items(dataset, tmp_path / "test_only_datalist.json"))
+    checked(run_bundle(bundle, run_id, configs, start_method="forkserver", **overrides))
+    assert any((tmp_path / "out").iterdir())
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
