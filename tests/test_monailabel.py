@@ -120,7 +120,7 @@ def _refusal(url: str, model: str, image: str, params: dict | None = None) -> st
 def test_info_lists_every_bundle(server: str) -> None:
     info = json.loads(_get(f"{server}/info/"))
     assert set(info["models"]) == {"watnet", "gan_unet_t1w7t", "vct_adc7t"}
-    assert info["models"]["watnet"]["version"] == "0.2.3"
+    assert info["models"]["watnet"]["version"] == "0.2.4"
 
 
 @pytest.mark.parametrize("bundle", ["watnet", "gan_unet_t1w7t"])
