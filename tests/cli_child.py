@@ -1,9 +1,9 @@
 """The body of one ``python -m monai.bundle ...`` command that ``conftest.run_bundle`` runs in a process forked
 from a server which imported torch, MONAI and synth7t once (``multiprocessing``'s forkserver), so a test pays the
 command's work and not the ~10 s of interpreter start-up and imports each time. The command itself runs as from
-the shell: its own process, working directory, environment and ``sys.argv``, no multiprocessing start method chosen
-(the platform's default, as in a new interpreter, not the server's forkserver, under which MONAI's ``Invertd``
-refuses the transforms that DataLoader workers applied), ``monai.bundle``'s ``__main__`` (fire
+the shell: its own process, working directory, environment and ``sys.argv``, the multiprocessing start method the
+caller asks for (by default none chosen: the platform's default, as in a new interpreter, not the server's
+forkserver, which a test asks for on purpose), ``monai.bundle``'s ``__main__`` (fire
 parses the arguments), stdout and stderr at the file-descriptor level, and the interpreter's exit semantics (status 0;
 ``SystemExit``'s code, or its message on stderr and status 1; an uncaught exception's traceback and status 1).
 """

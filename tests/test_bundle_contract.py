@@ -15,7 +15,7 @@ from monai.bundle import ConfigParser
 from monai.bundle import run as run_in_process
 
 from conftest import (
-    REPOSITORY, TINY_NETWORKS, TINY_TRAININGS, absolute_item, checked, run_bundle, write_datalist_of_test_items,
+    REPOSITORY, TINY_NETWORKS, TINY_TRAININGS, absolute_item, checked, evaluation_results, run_bundle,
 )
 
 BUNDLES = sorted(path.name for path in (REPOSITORY / "bundles").iterdir() if (path / "configs").is_dir())
@@ -172,18 +172,24 @@ def test_inference_with_the_shipped_weights_from_another_directory(bundle, reque
 
 
 @pytest.mark.parametrize(
-    ("bundle", "workflow"), [(bundle, "inference") for bundle in BUNDLES] + [(bundle, "evaluation") for bundle in T1W_BUNDLES]
+    ("bundle", "workflow"),
+    [(bundle, "inference") for bundle in BUNDLES] + [(bundle, "evaluation") for bundle in T1W_BUNDLES],
 )
 def test_dataloader_workers_under_the_forkserver_start_method(bundle, workflow, request, tmp_path):
     """Python 3.14 starts worker processes with forkserver on Linux by default: ``Invertd`` must still invert what
     the DataLoader's workers applied, as under the fork of earlier versions (the configs' ``worker_start_method``)."""
-    dataset = _tiny_dataset(bundle, request)
-    configs, run_id = (["inference.yaml"], "inferring") if workflow == "inference" else (["train.yaml", "evaluate.yaml"], "evaluating")
-    overrides = {"dataset_dir": str(dataset), "output_dir": str(tmp_path / "out"), "num_workers": 2}
+    dataset, output = _tiny_dataset(bundle, request), tmp_path / "out"
     if workflow == "evaluation":
-        overrides["datalist"] = str(write_datalist_of_test_items(dataset, tmp_path / "test_only_datalist.json"))
-    checked(run_bundle(bundle, run_id, configs, start_method="forkserver", **overrides))
-    assert any((tmp_path / "out").iterdir())
+        rows, _ = evaluation_results(bundle, dataset, output, start_method="forkserver", num_workers=2)
+        assert rows
+    else:
+        checked(
+            run_bundle(
+                bundle, "inferring", ["inference.yaml"], start_method="forkserver", dataset_dir=str(dataset),
+                output_dir=str(output), num_workers=2,
+            )
+        )  # fmt: skip
+        assert any(output.iterdir())
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
